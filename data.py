@@ -1,0 +1,388 @@
+"""From a dataset file to tokenized train/eval sets: read, split, render, tokenize once, filter, collate, record stats.
+
+Separate from train.py because it is a self-contained pipeline with its own errors (file:line, field, format) and
+its own on-disk artifacts (`--dataset_prepared_path` with `stats.json`), and because tests exercise it without
+loading a model. Formats live in dataset_formats.py; the one tokenization step is dataset_formats.encode_segments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from dataset_formats import IGNORE_INDEX, RecordError, encode_segments, get_format, response
+
+logger = logging.getLogger(__name__)
+
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".tsv")
+PREPARED_VERSION = 1  # bump when the tokenization or the prepared layout changes, so old caches are not reused
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the line or record, the field and the fix."""
+
+
+@dataclass
+class Record:
+    data: dict
+    where: str  # "file.jsonl:17" or "file.json[16]": used in every error about this record
+
+
+# --- reading -----------------------------------------------------------------------------------------------------------
+
+
+def looks_local(dataset: str) -> bool:
+    """A path that exists or ends like a data file is local; anything else is taken as a hub dataset name."""
+    return os.path.exists(dataset) or dataset.endswith(LOCAL_SUFFIXES)
+
+
+def read_records(dataset: str) -> list[Record]:
+    """A local .json/.jsonl/.parquet/.csv/.tsv file, or a hub dataset name (needs the network)."""
+    if not looks_local(dataset):
+        return read_hub_records(dataset)
+    if not os.path.isfile(dataset):
+        raise DataError(f"--dataset {dataset}: file not found (cwd: {os.getcwd()})")
+    name = os.path.basename(dataset)
+    if dataset.endswith(".jsonl"):
+        records = read_jsonl(dataset, name)
+    elif dataset.endswith(".json"):
+        records = read_json(dataset, name)
+    else:
+        records = read_table(dataset, name)
+    if not records:
+        raise DataError(f"{dataset}: the file holds no records; add some or point --dataset at another file")
+    return records
+
+
+def read_jsonl(path: str, name: str) -> list[Record]:
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{name}:{number}: not valid JSON ({error.msg} at column {error.colno})") from error
+            if not isinstance(value, dict):
+                raise DataError(f"{name}:{number}: each line must be a JSON object, got {type(value).__name__}")
+            records.append(Record(value, f"{name}:{number}"))
+    return records
+
+
+def read_json(path: str, name: str) -> list[Record]:
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    if not text.strip():
+        return []
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        if error.msg == "Extra data":  # JSON Lines saved as .json
+            try:
+                return read_jsonl(path, name)
+            except DataError:
+                pass
+        raise DataError(f"{name}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno})") from error
+    if isinstance(value, dict) and isinstance(value.get("data"), list):
+        value = value["data"]
+    if not isinstance(value, list):
+        raise DataError(f"{name}: the top level must be a list of records (or JSON Lines), got {type(value).__name__}")
+    records = []
+    for index, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise DataError(f"{name}[{index}]: each record must be a JSON object, got {type(item).__name__}")
+        records.append(Record(item, f"{name}[{index}]"))
+    return records
+
+
+def read_table(path: str, name: str) -> list[Record]:
+    import pandas as pd
+
+    if path.endswith(".parquet"):
+        frame = pd.read_parquet(path)
+        first_row = 0
+    else:
+        frame = pd.read_csv(path, sep="\t" if path.endswith(".tsv") else ",", keep_default_na=False)
+        first_row = 2  # line 1 is the header
+    rows = frame.to_dict(orient="records")
+    where = (lambda i: f"{name}:{i + first_row}") if first_row else (lambda i: f"{name}[row {i}]")
+    return [Record(row, where(i)) for i, row in enumerate(rows)]
+
+
+def read_hub_records(dataset: str) -> list[Record]:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(dataset, split="train")
+    except Exception as error:  # datasets raises many types (ConnectionError, FileNotFoundError, DatasetNotFound...)
+        raise DataError(
+            f"--dataset {dataset}: not a local file, and loading it from the Hugging Face hub failed "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+            "Pass a path to a .json/.jsonl/.parquet/.csv/.tsv file, or check the name and your network "
+            "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE must be unset to download)."
+        ) from error
+    return [Record(row, f"{dataset}[{i}]") for i, row in enumerate(loaded)]
+
+
+# --- splitting -----------------------------------------------------------------------------------------------------------
+
+
+def eval_count(total: int, eval_size: float) -> int:
+    """--eval_dataset_size: a fraction < 1 of the records, or a count >= 1; at least one record for any fraction > 0."""
+    if eval_size <= 0:
+        return 0
+    count = max(1, round(total * eval_size)) if eval_size < 1 else int(eval_size)
+    if count >= total:
+        raise DataError(
+            f"--eval_dataset_size {eval_size} leaves no training records ({total} records in all); lower it"
+        )
+    return count
+
+
+def split_records(records: list[Record], eval_size: float, seed: int, stratify_field: str = "category"):
+    """Seeded train/eval split; when records carry `category`, each category gives its share to eval."""
+    count = eval_count(len(records), eval_size)
+    if count == 0:
+        return records, []
+    rng = random.Random(seed)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for index, record in enumerate(records):
+        groups[str(record.data.get(stratify_field, ""))].append(index)
+    for members in groups.values():
+        rng.shuffle(members)
+    # largest-remainder apportionment: every category gets round(share), the total is exactly `count`
+    quotas = {key: count * len(members) / len(records) for key, members in groups.items()}
+    taken = {key: int(quota) for key, quota in quotas.items()}
+    for key in sorted(quotas, key=lambda k: (taken[k] - quotas[k], k))[: count - sum(taken.values())]:
+        taken[key] += 1
+    eval_indices = {i for key, members in groups.items() for i in members[: taken[key]]}
+    train = [r for i, r in enumerate(records) if i not in eval_indices]
+    evaluation = [r for i, r in enumerate(records) if i in eval_indices]
+    return train, evaluation
+
+
+# --- tokenizing ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizeStats:
+    samples_read: int = 0
+    samples_kept: int = 0
+    dropped_too_long: int = 0
+    truncated: int = 0
+    skipped_bad: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    ending_with_trained_eos: int = 0
+    boundary_merges: int = 0
+    lengths: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        lengths = sorted(self.lengths)
+
+        def percentile(p: float) -> int:
+            return lengths[min(len(lengths) - 1, int(p * len(lengths)))] if lengths else 0
+
+        out = {k: v for k, v in self.__dict__.items() if k != "lengths"}
+        out["trained_token_fraction"] = round(self.trained_tokens / self.tokens, 4) if self.tokens else 0.0
+        out["length_percentiles"] = {f"p{int(p * 100)}": percentile(p) for p in (0.5, 0.9, 0.99)} | {
+            "max": lengths[-1] if lengths else 0
+        }
+        return out
+
+
+def tokenize_records(records: list[Record], format_name: str, tokenizer, data_args) -> tuple[list[dict], TokenizeStats]:
+    """Render and tokenize every record once; drop or truncate those longer than --model_max_len (counted)."""
+    render = get_format(format_name)
+    stats = TokenizeStats(samples_read=len(records))
+    eos = tokenizer.eos_token_id
+    samples = []
+    for record in records:
+        try:
+            segments = render(record.data)
+            if data_args.include_sources and format_name == "airoboros" and record.data.get("source"):
+                segments = with_source(segments, str(record.data["source"]))
+        except RecordError as error:
+            raise DataError(f"{record.where}: {error} (--dataset_format {format_name})") from error
+        encoded = encode_segments(segments, tokenizer, train_on_source=data_args.train_on_source)
+        ids, labels = encoded.input_ids, encoded.labels
+        if len(ids) > data_args.model_max_len:
+            if data_args.skip_excess_length:
+                stats.dropped_too_long += 1
+                continue
+            ids, labels = ids[: data_args.model_max_len], labels[: data_args.model_max_len]
+            stats.truncated += 1
+        if all(label == IGNORE_INDEX for label in labels):
+            stats.skipped_bad += 1  # nothing left to learn from (e.g. the prompt alone fills --model_max_len)
+            continue
+        stats.samples_kept += 1
+        stats.tokens += len(ids)
+        stats.trained_tokens += sum(label != IGNORE_INDEX for label in labels)
+        stats.ending_with_trained_eos += labels[-1] == eos
+        stats.boundary_merges += encoded.boundary_merges
+        stats.lengths.append(len(ids))
+        samples.append({"input_ids": ids, "labels": labels})
+    return samples, stats
+
+
+def with_source(segments, source: str):
+    """--include_sources: the record's `source` is appended to the (trained) answer, before EOS."""
+    return segments[:-1] + [response(f"\n\nSource: {source.strip()}")] + segments[-1:]
+
+
+# --- the whole preparation, cached under --dataset_prepared_path ---------------------------------------------------------
+
+
+def fingerprint(data_args, tokenizer, seed: int) -> str:
+    digest = hashlib.sha256()
+    if os.path.isfile(data_args.dataset):
+        with open(data_args.dataset, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    else:
+        digest.update(data_args.dataset.encode())
+    settings = {
+        "version": PREPARED_VERSION,
+        "format": data_args.dataset_format,
+        "model_max_len": data_args.model_max_len,
+        "skip_excess_length": data_args.skip_excess_length,
+        "train_on_source": data_args.train_on_source,
+        "include_sources": data_args.include_sources,
+        "eval_dataset_size": data_args.eval_dataset_size,
+        "max_train_samples": data_args.max_train_samples,
+        "max_eval_samples": data_args.max_eval_samples,
+        "data_seed": seed,
+        "tokenizer": [tokenizer.__class__.__name__, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id],
+        "tokenizer_probe": tokenizer("Hello world!\n[INST] 12 ümlaut", add_special_tokens=False)["input_ids"],
+    }
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def prepare_datasets(data_args, tokenizer, seed: int, write: bool):
+    """Returns (train, eval or None, stats dict). Reuses `--dataset_prepared_path` when its fingerprint matches."""
+    import datasets
+
+    key = fingerprint(data_args, tokenizer, seed)
+    cache = data_args.dataset_prepared_path
+    if cache and os.path.isfile(os.path.join(cache, "stats.json")):
+        with open(os.path.join(cache, "stats.json")) as handle:
+            stats = json.load(handle)
+        if stats.get("fingerprint") == key:
+            logger.info("reusing prepared data in %s (fingerprint %s)", cache, key)
+            train = datasets.load_from_disk(os.path.join(cache, "train"))
+            evaluation = datasets.load_from_disk(os.path.join(cache, "eval")) if stats["eval"] else None
+            return train, evaluation, stats
+        logger.info("prepared data in %s was made with other data or settings; preparing again", cache)
+
+    records = read_records(data_args.dataset)
+    train_records, eval_records = split_records(records, data_args.eval_dataset_size, seed)
+    train_samples, train_stats = tokenize_records(train_records, data_args.dataset_format, tokenizer, data_args)
+    eval_samples, eval_stats = tokenize_records(eval_records, data_args.dataset_format, tokenizer, data_args)
+    if data_args.max_train_samples is not None:
+        train_samples = train_samples[: data_args.max_train_samples]
+    if data_args.max_eval_samples is not None:
+        eval_samples = eval_samples[: data_args.max_eval_samples]
+    if not train_samples:
+        raise DataError(
+            f"{data_args.dataset}: no training sample is left after tokenization "
+            f"({train_stats.dropped_too_long} of {train_stats.samples_read} exceed --model_max_len "
+            f"{data_args.model_max_len}); raise --model_max_len or pass --skip_excess_length False to truncate"
+        )
+    stats = {
+        "fingerprint": key,
+        "dataset": data_args.dataset,
+        "dataset_format": data_args.dataset_format,
+        "model_max_len": data_args.model_max_len,
+        "train": train_stats.summary() | {"samples_used": len(train_samples)},
+        "eval": eval_stats.summary() | {"samples_used": len(eval_samples)} if eval_records else None,
+    }
+    log_stats(stats)
+    train = datasets.Dataset.from_list(train_samples)
+    evaluation = datasets.Dataset.from_list(eval_samples) if eval_samples else None
+    if cache and write:
+        save_prepared(cache, train, evaluation, stats)
+    return train, evaluation, stats
+
+
+def save_prepared(cache: str, train, evaluation, stats: dict) -> None:
+    """Written to a temporary directory and renamed, so a crash never leaves a half-written cache behind."""
+    tmp = f"{cache.rstrip(os.sep)}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    train.save_to_disk(os.path.join(tmp, "train"))
+    if evaluation is not None:
+        evaluation.save_to_disk(os.path.join(tmp, "eval"))
+    with open(os.path.join(tmp, "stats.json"), "w") as handle:
+        json.dump(stats, handle, indent=2)
+    shutil.rmtree(cache, ignore_errors=True)
+    os.replace(tmp, cache)
+    logger.info("prepared data written to %s", cache)
+
+
+def log_stats(stats: dict) -> None:
+    for split in ("train", "eval"):
+        s = stats[split]
+        if not s:
+            continue
+        logger.info(
+            "%s data: %d records read, %d kept, %d dropped as longer than --model_max_len %d, %d truncated, "
+            "%d tokens (%.1f%% trained), %d/%d end with a trained EOS, lengths %s",
+            split, s["samples_read"], s["samples_kept"], s["dropped_too_long"], stats["model_max_len"],
+            s["truncated"], s["tokens"], 100 * s["trained_token_fraction"], s["ending_with_trained_eos"],
+            s["samples_kept"], s["length_percentiles"],
+        )
+        if s["boundary_merges"]:
+            logger.warning(
+                "%s data: %d prompt/response boundaries fell inside a token; those tokens are trained as response",
+                split, s["boundary_merges"],
+            )
+
+
+def preview(sample: dict, tokenizer) -> str:
+    """One tokenized sample with the trained spans in [[...]]: what the model is actually taught."""
+    out, trained = [], False
+    for token, label in zip(sample["input_ids"], sample["labels"]):
+        now = label != IGNORE_INDEX
+        if now != trained:
+            out.append("[[" if now else "]]")
+            trained = now
+        out.append(tokenizer.decode([token]))
+    return "".join(out) + ("]]" if trained else "")
+
+
+# --- batching ------------------------------------------------------------------------------------------------------------
+
+
+class PaddingCollator:
+    """Pads to the longest sample of the batch. Attention mask and labels come from lengths, never from pad ids,
+    so padding with EOS (or any id) can never hide a trained EOS."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {
+            "input_ids": torch.full((len(features), longest), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(features), longest), dtype=torch.long),
+            "labels": torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long),
+        }
+        for row, feature in enumerate(features):
+            n = len(feature["input_ids"])
+            batch["input_ids"][row, :n] = torch.as_tensor(feature["input_ids"])
+            batch["attention_mask"][row, :n] = 1
+            batch["labels"][row, :n] = torch.as_tensor(feature["labels"])
+        return batch

@@ -1,0 +1,98 @@
+"""Shared fixtures: a tiny Llama built offline, small data files, and a helper that runs train.py like a user does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
+LLAMA2_TOKENIZER = os.path.join(SHARED, "tokenizers", "llama2", "tokenizer.model")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def child_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_MODE="offline",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=ROOT,
+    )
+    env.pop("WANDB_API_KEY", None)
+    env.update(extra)
+    return env
+
+
+def run(command: list[str], cwd: str, timeout: int = 900, **env: str) -> subprocess.CompletedProcess:
+    """Run a command as a user would (a fresh process, offline); the output is kept for assertions and failures."""
+    result = subprocess.run(command, cwd=cwd, env=child_env(**env), capture_output=True, text=True, timeout=timeout)
+    result.output = result.stdout + result.stderr
+    return result
+
+
+def train_py(*flags: str) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, "train.py"), *flags]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """hidden 64, 2 layers, byte-level BPE with merges (vocab ~760), Llama special tokens, no pad token."""
+    from make_tiny_model import make_tiny_model
+
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), tokenizer_kind="bpe", hidden=64, layers=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+CONVERSATION_TOPICS = ["the sea", "mountains", "bread", "rain", "music", "trains", "cats", "numbers"]
+
+
+def conversations(n: int) -> list[dict]:
+    """airoboros_chat records: a system turn on some, two user/assistant exchanges, a category for stratifying."""
+    rows = []
+    for i in range(n):
+        topic = CONVERSATION_TOPICS[i % len(CONVERSATION_TOPICS)]
+        turns = [{"from": "system", "value": "You are a helpful assistant."}] if i % 2 == 0 else []
+        turns += [
+            {"from": "human", "value": f"Tell me about {topic}, item {i}."},
+            {"from": "gpt", "value": f"Here is a fact about {topic}: number {i}."},
+            {"from": "human", "value": "And one more?"},
+            {"from": "gpt", "value": f"Another fact about {topic}."},
+        ]
+        rows.append({"id": str(i), "category": ["general", "trivia"][i % 2], "conversations": turns})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def conversations_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "conversations.json"
+    path.write_text(json.dumps(conversations(48)))
+    return str(path)
+
+
+def write_jsonl(path, rows: list[dict]) -> str:
+    with open(path, "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    return str(path)
+
+
+def instructions(n: int) -> list[dict]:
+    return [{"instruction": f"Say the number {i}.", "response": f"The number is {i}."} for i in range(n)]

@@ -1,0 +1,693 @@
+"""Fine-tune an open causal LM on instruction/chat data: QLoRA, LoRA or full fine-tune, optional merge.
+
+    # QLoRA on one GPU, merged into a 16-bit model at the end
+    python train.py --model_name_or_path M --dataset conversations.json --dataset_format airoboros_chat \\
+        --bits 4 --double_quant --quant_type nf4 --lora_modules all --output_dir out-peft --merged_output_dir out
+
+    # full fine-tune on 8 GPUs with DeepSpeed ZeRO-2
+    torchrun --nproc_per_node=8 train.py --full_finetune --bits 16 --bf16 --deepspeed deepspeed-7b.json ...
+
+    # a recipe file stands in for the flags; flags given after it win
+    python train.py recipe.yaml --learning_rate 1e-4
+
+Every flag is documented in `python train.py --help`. Re-running the same command resumes from the newest complete
+checkpoint in --working_dir; re-running a finished run only completes what is missing (e.g. the merge).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import transformers
+from transformers import HfArgumentParser
+
+import data
+from dataset_formats import FORMATS
+
+logger = logging.getLogger("train")
+
+COMPLETED_MARKER = "completed"
+RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
+FLASH_ATTN_HINT = "pip install -r requirements-gpu.txt  (flash-attn; needs CUDA and nvcc)"
+
+
+class UsageError(Exception):
+    """A problem with the command line or its files; reported in one line, exit code 2, nothing written."""
+
+
+# --- arguments -----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Base model: a local directory or a hub id (required)."}
+    )
+    tokenizer_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Tokenizer to use; None means the one in --model_name_or_path."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code shipped with the checkpoint."})
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={
+            "help": "Attention kernel. flash_attention_2 needs the flash-attn package and CUDA; on a machine with no "
+            "CUDA it falls back to sdpa with a warning. Legacy --use_flash_attention_2 maps here.",
+            "choices": ["eager", "sdpa", "flash_attention_2"],
+        },
+    )
+    pad_token: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Pad token. None: keep the tokenizer's, else its unk token, else EOS (safe: masks and labels "
+            "come from lengths, not pad ids). A token new to the vocabulary resizes the embeddings."
+        },
+    )
+    bos_token: Optional[str] = field(default=None, metadata={"help": "Override the BOS token (None: keep)."})
+    eos_token: Optional[str] = field(default=None, metadata={"help": "Override the EOS token (None: keep)."})
+    unk_token: Optional[str] = field(default=None, metadata={"help": "Override the unk token (None: keep)."})
+
+
+@dataclass
+class DataArguments:
+    dataset: Optional[str] = field(
+        default=None,
+        metadata={"help": "Training data: a local .json/.jsonl/.parquet/.csv/.tsv file, or a hub dataset name."},
+    )
+    dataset_format: str = field(
+        default="airoboros",
+        metadata={"help": "How records are rendered and masked (see dataset_formats.py).", "choices": sorted(FORMATS)},
+    )
+    eval_dataset_size: float = field(
+        default=0.0,
+        metadata={
+            "help": "Held-out eval split: a fraction < 1 of the records, or a count >= 1; 0 means no eval split. "
+            "Stratified by the records' `category` when present, seeded by --data_seed (else --seed)."
+        },
+    )
+    max_train_samples: Optional[int] = field(
+        default=None, metadata={"help": "Keep at most this many training samples (None: all)."}
+    )
+    max_eval_samples: Optional[int] = field(
+        default=None, metadata={"help": "Keep at most this many eval samples (None: all)."}
+    )
+    model_max_len: int = field(
+        default=2048, metadata={"help": "Maximum sample length in tokens (prompt + response + special tokens)."}
+    )
+    skip_excess_length: bool = field(
+        default=True,
+        metadata={
+            "help": "Drop samples longer than --model_max_len (counted and logged). False: truncate them to "
+            "--model_max_len instead (also counted; a truncated sample loses its EOS)."
+        },
+    )
+    train_on_source: bool = field(
+        default=False, metadata={"help": "Train on prompt tokens too (default: only responses and their EOS)."}
+    )
+    include_sources: bool = field(
+        default=False,
+        metadata={
+            "help": "airoboros format: append a record's `source` field to its trained response as "
+            "'\\n\\nSource: ...'. Without it the field is ignored."
+        },
+    )
+    expand_conversations: bool = field(
+        default=False,
+        metadata={
+            "help": "Kept for compatibility with the airoboros scripts: every assistant turn of a conversation is "
+            "always trained (one sample per conversation), so this changes nothing."
+        },
+    )
+    dataset_prepared_path: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Directory for the tokenized train/eval sets and stats.json. Reused by later runs when the "
+            "data, format, tokenizer and length settings are unchanged."
+        },
+    )
+    prepare_only: bool = field(
+        default=False,
+        metadata={"help": "Tokenize, write --dataset_prepared_path and stats.json, then exit without training."},
+    )
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    working_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Where checkpoints go (None: --output_dir). The final model/adapter goes to --output_dir."},
+    )
+    merged_output_dir: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "After an adapter run, reload the base model in 16-bit (bf16 with --bf16, fp16 with --fp16, "
+            "else fp32), merge the adapter and save a plain model here, with tokenizer and generation config."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start fresh: delete old checkpoints in --working_dir and the completed marker."},
+    )
+    full_finetune: bool = field(
+        default=False, metadata={"help": "Train all weights instead of LoRA adapters; needs --bits 16 or 32."}
+    )
+    bits: int = field(
+        default=4,
+        metadata={
+            "help": "Weight precision of the base model: 4 (bitsandbytes, --quant_type), 8 (bitsandbytes int8), "
+            "16 (bf16 with --bf16, else fp16) or 32 (fp32).",
+            "choices": [4, 8, 16, 32],
+        },
+    )
+    double_quant: bool = field(
+        default=True, metadata={"help": "4-bit only: also quantize the quantization constants (saves ~0.4 bit/param)."}
+    )
+    quant_type: str = field(
+        default="nf4", metadata={"help": "4-bit only: data type of the quantized weights.", "choices": ["nf4", "fp4"]}
+    )
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank (> 0)."})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator: updates are scaled by alpha/r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input, 0 to < 1."})
+    lora_modules: str = field(
+        default="all",
+        metadata={
+            "help": "Modules that get LoRA adapters: 'all' = every linear layer except the output head, or a comma "
+            "list of module names (e.g. q_proj,v_proj)."
+        },
+    )
+    report_to: Union[None, str, list[str]] = field(
+        default="none",
+        metadata={"help": "Loggers: none, wandb, tensorboard, ... (wandb needs WANDB_API_KEY or WANDB_MODE=offline)."},
+    )
+    do_train: bool = field(default=True, metadata={"help": "Train (default). --do_train False with --do_eval only evaluates."})
+    include_num_input_tokens_seen: str = field(
+        default="non_padding", metadata={"help": "Token counting used for the tokens/s log: all, non_padding or no."}
+    )
+
+    def __post_init__(self):
+        # bf16 on a machine without a GPU needs use_cpu (CPU autocast); the Trainer would refuse otherwise
+        if (self.bf16 or self.bf16_full_eval) and not self.use_cpu and not has_accelerator():
+            self.use_cpu = True
+        super().__post_init__()
+
+
+@dataclass
+class GenerationArguments:
+    max_new_tokens: int = field(
+        default=256, metadata={"help": "Generation: most tokens to generate (saved in generation_config.json)."}
+    )
+    min_new_tokens: Optional[int] = field(default=None, metadata={"help": "Generation: fewest tokens to generate."})
+    do_sample: bool = field(default=False, metadata={"help": "Generation: sample instead of greedy decoding."})
+    num_beams: int = field(default=1, metadata={"help": "Generation: beam count (1 = no beam search)."})
+    temperature: float = field(default=1.0, metadata={"help": "Generation: sampling temperature (with --do_sample)."})
+    top_k: int = field(default=50, metadata={"help": "Generation: top-k sampling (with --do_sample)."})
+    top_p: float = field(default=1.0, metadata={"help": "Generation: nucleus sampling mass (with --do_sample)."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Generation: repetition penalty (1 = none)."})
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments, GenerationArguments)
+
+# legacy flag -> (today's flag, how a value maps, log line); value None means "a bare boolean flag"
+LEGACY_FLAGS = {
+    "--evaluation_strategy": ("--eval_strategy", None, "transformers 5 renamed it"),
+    "--warmup_ratio": ("--warmup_steps", None, "transformers 5 takes a ratio < 1 in --warmup_steps"),
+    "--use_flash_attention_2": ("--attn_implementation", "flash_attention_2", "one switch for all kernels"),
+    "--group_by_length": ("--train_sampling_strategy", "group_by_length", "transformers 5 renamed it"),
+    "--gradient_checkpointing": ("--activation_checkpointing", True, "transformers 5 renamed it"),
+    "--no_cuda": ("--use_cpu", True, "transformers 5 renamed it"),
+}
+BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def build_parser() -> HfArgumentParser:
+    return HfArgumentParser(ARGUMENT_CLASSES, allow_abbrev=False, description=__doc__.split("\n")[0])
+
+
+def expand_recipe(argv: list[str]) -> list[str]:
+    """`train.py recipe.yaml [flags]`: the recipe's keys become flags placed first, so later flags win."""
+    if not argv or argv[0].startswith("-") or not argv[0].endswith(RECIPE_SUFFIXES):
+        return argv
+    path = argv[0]
+    if not os.path.isfile(path):
+        raise UsageError(f"recipe file {path} not found")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            if path.endswith(".json"):
+                recipe = json.load(handle)
+            else:
+                import yaml
+
+                recipe = yaml.safe_load(handle)
+        except Exception as error:  # yaml.YAMLError or json.JSONDecodeError
+            raise UsageError(f"recipe file {path}: cannot be parsed ({error})") from error
+    if not isinstance(recipe, dict):
+        raise UsageError(f"recipe file {path}: must be a mapping of flag names to values")
+    flags = []
+    for key, value in recipe.items():
+        flag = "--" + str(key).lstrip("-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            flags += [flag, str(value)]
+        elif isinstance(value, list):
+            flags += [flag] + [str(v) for v in value]
+        elif isinstance(value, dict):
+            flags += [flag, json.dumps(value)]
+        else:
+            flags += [flag, str(value)]
+    return flags + argv[1:]
+
+
+def map_legacy_flags(argv: list[str]) -> list[str]:
+    """Old names users still type are mapped to today's, one log line each; never silently dropped."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        name, eq, inline = token.partition("=")
+        if name not in LEGACY_FLAGS:
+            out.append(token)
+            i += 1
+            continue
+        new, fixed, why = LEGACY_FLAGS[name]
+        value: Optional[str] = inline if eq else None
+        if value is None and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        if fixed is None:  # the value carries over
+            if value is None:
+                raise UsageError(f"{name} needs a value")
+            if name == "--warmup_ratio" and not 0 <= float(value) < 1:
+                raise UsageError(f"--warmup_ratio {value}: must be in [0, 1); or give --warmup_steps N")
+            out += [new, value]
+            logger.info("legacy flag %s %s -> %s %s (%s)", name, value, new, value, why)
+            continue
+        enabled = True if value is None else BOOLEAN_WORDS.get(value.lower())
+        if enabled is None:
+            raise UsageError(f"{name} takes true or false, got {value!r}")
+        if enabled:
+            out += [new, str(fixed)]
+            logger.info("legacy flag %s -> %s %s (%s)", name, new, fixed, why)
+        else:
+            logger.info("legacy flag %s false: nothing to enable (%s is the current name)", name, new)
+    return out
+
+
+def reject_unknown(parser: HfArgumentParser, remaining: list[str]) -> None:
+    known = sorted({s for action in parser._actions for s in action.option_strings if s.startswith("--")})
+    for token in remaining:
+        if token.startswith("-"):
+            flag = token.split("=")[0]
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else "; see python train.py --help"
+            raise UsageError(f"unknown flag {flag}{hint}")
+    raise UsageError(f"unexpected argument {remaining[0]!r} (a value without a flag?)")
+
+
+def parse_arguments(argv: list[str]):
+    parser = build_parser()
+    argv = map_legacy_flags(expand_recipe(argv))
+    try:
+        *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as error:  # TrainingArguments.__post_init__ checks
+        raise UsageError(str(error).strip().splitlines()[0]) from error
+    if remaining:
+        reject_unknown(parser, remaining)
+    model_args, data_args, train_args, gen_args = parsed
+    validate_arguments(model_args, data_args, train_args)
+    return model_args, data_args, train_args, gen_args
+
+
+def validate_arguments(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments) -> None:
+    """Cross-field rules, checked before anything loads; each message says how to fix it."""
+    if not model_args.model_name_or_path:
+        raise UsageError("--model_name_or_path is required (a local model directory or a hub id)")
+    if not data_args.dataset:
+        raise UsageError("--dataset is required (a .json/.jsonl/.parquet/.csv/.tsv file or a hub dataset name)")
+    if data.looks_local(data_args.dataset) and not os.path.isfile(data_args.dataset):
+        raise UsageError(f"--dataset {data_args.dataset}: file not found (cwd: {os.getcwd()})")
+    if args.full_finetune and args.bits not in (16, 32):
+        raise UsageError(
+            f"--full_finetune needs --bits 16 or 32 (got {args.bits}); drop --bits or drop --full_finetune"
+        )
+    if args.full_finetune and args.merged_output_dir:
+        raise UsageError("--merged_output_dir merges an adapter; a --full_finetune run has none. Drop one of them")
+    if args.bf16 and args.fp16:
+        raise UsageError("--bf16 and --fp16 both given; pick one")
+    if not args.full_finetune:
+        if args.lora_r <= 0:
+            raise UsageError(f"--lora_r must be > 0 (got {args.lora_r})")
+        if not 0 <= args.lora_dropout < 1:
+            raise UsageError(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
+        if not args.lora_modules.strip():
+            raise UsageError("--lora_modules is empty; use 'all' or a comma list such as q_proj,v_proj")
+    if data_args.model_max_len <= 0:
+        raise UsageError(f"--model_max_len must be > 0 (got {data_args.model_max_len})")
+    if data_args.eval_dataset_size < 0:
+        raise UsageError(f"--eval_dataset_size must be >= 0 (got {data_args.eval_dataset_size})")
+    if args.eval_strategy != "no" and data_args.eval_dataset_size == 0:
+        raise UsageError(
+            f"--eval_strategy {args.eval_strategy.value} needs an eval split; pass --eval_dataset_size "
+            "(e.g. 0.02) or --eval_strategy no"
+        )
+    if args.deepspeed and isinstance(args.deepspeed, str) and not os.path.isfile(args.deepspeed):
+        raise UsageError(f"--deepspeed {args.deepspeed}: config file not found")
+    if "wandb" in (args.report_to or []) and not wandb_is_configured():
+        raise UsageError(
+            "--report_to wandb: no WANDB_API_KEY and no `wandb login`; set WANDB_API_KEY, or WANDB_MODE=offline "
+            "to log locally, or drop --report_to wandb"
+        )
+    model_args.attn_implementation = resolve_attention(model_args.attn_implementation)
+
+
+def wandb_is_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return True
+    netrc = os.path.expanduser("~/.netrc")
+    return os.path.isfile(netrc) and "api.wandb.ai" in open(netrc).read()
+
+
+def has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def resolve_attention(requested: str) -> str:
+    """flash_attention_2 when flash-attn imports; with no CUDA at all, sdpa and a warning; else an install hint."""
+    if requested != "flash_attention_2":
+        return requested
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
+        return requested
+    if not torch.cuda.is_available():
+        logger.warning("flash_attention_2 needs CUDA and this machine has none: using sdpa attention instead")
+        return "sdpa"
+    raise UsageError(f"flash_attention_2 was requested but the flash-attn package is not installed: {FLASH_ATTN_HINT}")
+
+
+# --- stages, in the order they run ------------------------------------------------------------------------------------
+
+
+def setup_logging(args: Optional[TrainingArguments] = None) -> None:
+    """Rank 0 logs at INFO; the other ranks only warn, so every line appears once."""
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
+    transformers.utils.logging.set_verbosity(logging.WARNING if rank == 0 else logging.ERROR)
+    for noisy in ("bitsandbytes", "torch.distributed", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def prepare_directories(args: TrainingArguments) -> None:
+    """Checkpoints live in --working_dir; the Trainer writes there. The final outputs go to --output_dir."""
+    args.final_output_dir = args.output_dir
+    args.working_dir = args.working_dir or args.output_dir
+    args.output_dir = args.working_dir
+    if args.overwrite_output_dir and args.process_index == 0:
+        for name in os.listdir(args.working_dir) if os.path.isdir(args.working_dir) else []:
+            if name.startswith("checkpoint-"):
+                shutil.rmtree(os.path.join(args.working_dir, name))
+        marker = os.path.join(args.final_output_dir, COMPLETED_MARKER)
+        if os.path.exists(marker):
+            os.remove(marker)
+        logger.info("--overwrite_output_dir: old checkpoints and the completed marker removed; starting fresh")
+
+
+def is_completed(args: TrainingArguments) -> bool:
+    return os.path.isfile(os.path.join(args.final_output_dir, COMPLETED_MARKER))
+
+
+def load_tokenizer(model_args: ModelArguments):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        model_args.tokenizer_name_or_path or model_args.model_name_or_path,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    overrides = {
+        name: value
+        for name, value in (
+            ("bos_token", model_args.bos_token),
+            ("eos_token", model_args.eos_token),
+            ("unk_token", model_args.unk_token),
+            ("pad_token", model_args.pad_token),
+        )
+        if value is not None
+    }
+    if overrides:
+        added = tokenizer.add_special_tokens(overrides)
+        logger.info("special tokens set: %s (%d new to the vocabulary)", overrides, added)
+    if tokenizer.eos_token_id is None:
+        raise UsageError("the tokenizer has no EOS token, so models could never learn to stop; pass --eos_token")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+        logger.info("no pad token: padding with %r (masks and labels come from lengths)", tokenizer.pad_token)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def build_datasets(data_args: DataArguments, args: TrainingArguments, tokenizer):
+    """Rank 0 prepares (and caches) first; the other ranks then reuse its cache or repeat the same seeded work."""
+    seed = args.data_seed if args.data_seed is not None else args.seed
+    with args.main_process_first(desc="dataset preparation"):
+        train, evaluation, stats = data.prepare_datasets(data_args, tokenizer, seed, write=args.process_index == 0)
+    logger.info("sample 0 as trained ([[...]] = trained tokens):\n%s", data.preview(train[0], tokenizer))
+    return train, evaluation, stats
+
+
+def load_model(model_args: ModelArguments, args: TrainingArguments, tokenizer):
+    import torch
+
+    dtype = {4: None, 8: None, 16: torch.bfloat16 if args.bf16 else torch.float16, 32: torch.float32}[args.bits]
+    compute_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    kwargs = {"dtype": dtype or compute_dtype, "attn_implementation": model_args.attn_implementation}
+    if args.bits in (4, 8):
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=args.bits == 4,
+            load_in_8bit=args.bits == 8,
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_use_double_quant=args.double_quant,
+            bnb_4bit_quant_type=args.quant_type,
+        )
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": args.local_process_index}
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **kwargs
+    )
+    resized = len(tokenizer) > model.get_input_embeddings().weight.shape[0]
+    if resized:
+        logger.info("resizing embeddings %d -> %d for new tokens", model.get_input_embeddings().weight.shape[0], len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer))
+    for name, value in (("pad_token_id", tokenizer.pad_token_id), ("eos_token_id", tokenizer.eos_token_id), ("bos_token_id", tokenizer.bos_token_id)):
+        setattr(model.config, name, value)
+    model.config.use_cache = False
+    return model, resized
+
+
+def add_adapters(model, args: TrainingArguments, new_tokens: bool):
+    """LoRA on the chosen linear layers; k-bit models are prepared first (fp32 norms, input grads).
+    With new tokens, the embedding and output layers are trained in full and saved with the adapter."""
+    import peft
+
+    if args.full_finetune:
+        return model
+    checkpointing = bool(args.activation_checkpointing)
+    gc_kwargs = args.activation_checkpointing_kwargs or {"use_reentrant": False}
+    if args.bits in (4, 8):
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=gc_kwargs
+        )
+    elif checkpointing:
+        model.enable_input_require_grads()
+    targets = "all-linear" if args.lora_modules.strip() == "all" else lora_target_list(model, args.lora_modules)
+    config = peft.LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=targets,
+        modules_to_save=embedding_modules(model) if new_tokens else None,
+        task_type="CAUSAL_LM",
+    )
+    model = peft.get_peft_model(model, config)
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("LoRA on %s: %d trainable of %d parameters (%.2f%%)", targets, trainable, total, 100 * trainable / total)
+    return model
+
+
+def lora_target_list(model, spec: str) -> list[str]:
+    import torch
+
+    wanted = [name.strip() for name in spec.split(",") if name.strip()]
+    linear_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) or "Linear" in type(module).__name__}
+    missing = [name for name in wanted if name not in linear_names]
+    if missing:
+        raise UsageError(
+            f"--lora_modules {spec}: no linear layer named {', '.join(missing)} in this model; "
+            f"its linear layers are: {', '.join(sorted(linear_names))} (or use 'all')"
+        )
+    return wanted
+
+
+def embedding_modules(model) -> list[str]:
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    return [name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is inputs or module is outputs]
+
+
+class SFTTrainer(transformers.Trainer):
+    """The Trainer, plus real (non-padding) tokens per second in every log line."""
+
+    def log(self, logs: dict, start_time: Optional[float] = None) -> None:
+        now, seen = time.time(), self.state.num_input_tokens_seen
+        last = getattr(self, "_tokens_clock", None)
+        if "loss" in logs and last and now > last[0] and seen:
+            logs["tokens_per_second"] = round((seen - last[1]) / (now - last[0]), 1)
+        if "loss" in logs or last is None:
+            self._tokens_clock = (now, seen)
+        super().log(logs, start_time)
+
+
+def build_trainer(model, args: TrainingArguments, tokenizer, train, evaluation):
+    if args.eval_strategy == "no":
+        evaluation = None
+    args.remove_unused_columns = False
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=data.PaddingCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+    )
+
+
+def find_resume_checkpoint(args: TrainingArguments) -> Optional[str]:
+    """The newest checkpoint-N in --working_dir that was completely written (its trainer_state.json exists)."""
+    if not os.path.isdir(args.working_dir):
+        return None
+    steps = sorted(
+        (int(name.split("-")[1]), name)
+        for name in os.listdir(args.working_dir)
+        if name.startswith("checkpoint-") and name.split("-")[1].isdigit()
+    )
+    for _, name in reversed(steps):
+        path = os.path.join(args.working_dir, name)
+        if os.path.isfile(os.path.join(path, "trainer_state.json")):
+            return path
+        logger.warning("ignoring incomplete checkpoint %s (no trainer_state.json)", path)
+    return None
+
+
+def train(trainer, args: TrainingArguments) -> None:
+    checkpoint = find_resume_checkpoint(args)
+    if checkpoint:
+        logger.info("resuming from %s (weights, optimizer, scheduler, RNG and data position)", checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+
+
+def generation_config(gen_args: GenerationArguments, tokenizer) -> transformers.GenerationConfig:
+    return transformers.GenerationConfig(
+        **vars(gen_args),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def save_final(trainer, args: TrainingArguments, tokenizer, gen_config) -> None:
+    """The final model (full fine-tune) or adapter, with tokenizer and generation config, in --output_dir."""
+    trainer.save_model(args.final_output_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(args.final_output_dir)
+        gen_config.save_pretrained(args.final_output_dir)
+    logger.info("saved %s to %s", "model" if args.full_finetune else "adapter", args.final_output_dir)
+
+
+def merge_adapter(model_args: ModelArguments, args: TrainingArguments, tokenizer, gen_config) -> None:
+    """Base model in 16-bit (or fp32) + adapter -> one plain model, written to a temp dir and renamed into place."""
+    import peft
+    import torch
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path, dtype=dtype, trust_remote_code=model_args.trust_remote_code
+    )
+    if len(tokenizer) != base.get_input_embeddings().weight.shape[0]:
+        base.resize_token_embeddings(len(tokenizer))
+    merged = peft.PeftModel.from_pretrained(base, args.final_output_dir).merge_and_unload()
+    merged.config.use_cache = True
+    merged.generation_config = gen_config
+    target = args.merged_output_dir.rstrip(os.sep)
+    tmp = f"{target}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    logger.info("merged model (%s) saved to %s", str(dtype).replace("torch.", ""), target)
+
+
+def merge_is_missing(args: TrainingArguments) -> bool:
+    return bool(args.merged_output_dir) and not os.path.isfile(os.path.join(args.merged_output_dir, "config.json"))
+
+
+def mark_completed(args: TrainingArguments, global_step: int) -> None:
+    with open(os.path.join(args.final_output_dir, COMPLETED_MARKER), "w") as handle:
+        json.dump({"global_step": global_step, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, handle)
+
+
+def finish_completed_run(model_args, args, tokenizer, gen_config) -> int:
+    logger.info("this run already completed; its outputs are in %s (pass --overwrite_output_dir to train again)", args.final_output_dir)
+    if merge_is_missing(args) and args.process_index == 0:
+        merge_adapter(model_args, args, tokenizer, gen_config)
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    setup_logging()
+    try:
+        model_args, data_args, args, gen_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+        prepare_directories(args)
+        transformers.set_seed(args.seed)
+        tokenizer = load_tokenizer(model_args)
+        gen_config = generation_config(gen_args, tokenizer)
+        if is_completed(args) and not data_args.prepare_only:
+            return finish_completed_run(model_args, args, tokenizer, gen_config)
+        train_set, eval_set, _ = build_datasets(data_args, args, tokenizer)
+    except (UsageError, data.DataError) as error:
+        logger.error("%s", error)
+        return 2
+    if data_args.prepare_only:
+        logger.info("--prepare_only: data prepared%s; not training", f" in {data_args.dataset_prepared_path}" if data_args.dataset_prepared_path else "")
+        return 0
+    model, new_tokens = load_model(model_args, args, tokenizer)
+    model = add_adapters(model, args, new_tokens)
+    trainer = build_trainer(model, args, tokenizer, train_set, eval_set)
+    if args.do_train:
+        train(trainer, args)
+        save_final(trainer, args, tokenizer, gen_config)
+    if args.do_eval and eval_set is not None:
+        trainer.save_metrics("eval", trainer.evaluate())
+    trainer.accelerator.wait_for_everyone()
+    if args.do_train and trainer.is_world_process_zero():
+        global_step = trainer.state.global_step
+        del trainer, model  # free the training copy before the merge loads the base again
+        if args.merged_output_dir:
+            merge_adapter(model_args, args, tokenizer, gen_config)
+        mark_completed(args, global_step)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
