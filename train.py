@@ -588,6 +588,11 @@ def find_resume_checkpoint(args: TrainingArguments) -> Optional[str]:
 
 
 def train(trainer, args: TrainingArguments) -> None:
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    logger.info(
+        "world size %d: %d per device x %d accumulation x %d processes = %d samples per optimizer step",
+        args.world_size, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size, per_step,
+    )
     checkpoint = find_resume_checkpoint(args)
     if checkpoint:
         logger.info("resuming from %s (weights, optimizer, scheduler, RNG and data position)", checkpoint)

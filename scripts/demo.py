@@ -56,7 +56,7 @@ def train_command(base: str, work_dir: str, max_steps: int) -> list[str]:
         "--output_dir", os.path.join(work_dir, "adapter"),
         "--merged_output_dir", os.path.join(work_dir, "merged"),
         "--bits", "32", "--lora_r", "64", "--lora_alpha", "128", "--lora_modules", "all",
-        "--learning_rate", "1e-3", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.03", "--weight_decay", "0.0",
+        "--learning_rate", "1e-3", "--lr_scheduler_type", "cosine", "--warmup_steps", "30", "--weight_decay", "0.0",
         "--max_steps", str(max_steps), "--per_device_train_batch_size", "32",
         "--eval_dataset_size", "64", "--eval_strategy", "steps", "--eval_steps", str(max_steps // 2),
         "--logging_steps", "50", "--save_strategy", "steps", "--save_steps", str(max_steps // 2),
@@ -101,7 +101,7 @@ def evaluate(model_dir: str, heldout_file: str, limit: int | None = None) -> dic
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work_dir", default=os.path.join(ROOT, "runs", "demo"), help="where everything is written")
-    parser.add_argument("--max_steps", type=int, default=900, help="training steps (batch 32)")
+    parser.add_argument("--max_steps", type=int, default=2000, help="training steps (batch 32)")
     parser.add_argument("--hidden", type=int, default=128, help="tiny model hidden size")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,120 @@
+"""Reading, splitting, tokenizing once, collating, stats.json and the prepared-data cache."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import conversations, instructions, run, train_py, write_jsonl
+
+import data
+from dataset_formats import IGNORE_INDEX
+
+
+def data_args(path: str, **overrides) -> SimpleNamespace:
+    values = dict(dataset=path, dataset_format="airoboros", eval_dataset_size=0.0, max_train_samples=None,
+                  max_eval_samples=None, model_max_len=512, skip_excess_length=True, train_on_source=False,
+                  include_sources=False, dataset_prepared_path=None)
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("bad.jsonl", '{"instruction": "a", "response": "b"}\n{"instruction": "a",\n', "bad.jsonl:2: not valid JSON"),
+        ("list.jsonl", '{"instruction": "a", "response": "b"}\n[1, 2]\n', "list.jsonl:2: each line must be a JSON object"),
+        ("top.json", '{"instruction": "a"}', "top.json: the top level must be a list"),
+        ("items.json", '[{"instruction": "a", "response": "b"}, "oops"]', "items.json[1]: each record must be a JSON object"),
+        ("empty.jsonl", "", "holds no records"),
+        ("empty.json", "[]", "holds no records"),
+    ],
+)
+def test_unreadable_files_name_file_and_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(data.DataError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        data.read_records(str(path))
+
+
+def test_bad_record_error_names_line_field_and_format(tmp_path, tiny_tokenizer):
+    rows = instructions(3)
+    rows[1] = {"instruction": "x"}
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(data.DataError, match=r"d.jsonl:2: missing field 'response' .* \(--dataset_format airoboros\)"):
+        data.tokenize_records(data.read_records(path), "airoboros", tiny_tokenizer, data_args(path))
+
+
+def test_csv_tsv_parquet_read_alike(tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame(instructions(4))
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    frame.to_csv(tmp_path / "d.tsv", index=False, sep="\t")
+    frame.to_parquet(tmp_path / "d.parquet")
+    for name in ("d.csv", "d.tsv", "d.parquet"):
+        records = data.read_records(str(tmp_path / name))
+        assert [r.data["response"] for r in records] == [r["response"] for r in instructions(4)]
+    assert data.read_records(str(tmp_path / "d.csv"))[0].where == "d.csv:2"
+
+
+def test_split_is_seeded_and_stratified_by_category(tmp_path):
+    rows = [{"instruction": f"q{i}", "response": "a", "category": "rare" if i < 10 else "common"} for i in range(100)]
+    records = data.read_records(write_jsonl(tmp_path / "d.jsonl", rows))
+    train, evaluation = data.split_records(records, 0.2, seed=7)
+    assert len(evaluation) == 20 and len(train) == 80
+    assert sum(r.data["category"] == "rare" for r in evaluation) == 2  # 10 % of eval, as in the data
+    again = data.split_records(records, 0.2, seed=7)[1]
+    other = data.split_records(records, 0.2, seed=8)[1]
+    assert [r.where for r in again] == [r.where for r in evaluation]
+    assert [r.where for r in other] != [r.where for r in evaluation]
+
+
+def test_too_long_samples_are_dropped_or_truncated_and_counted(tmp_path, tiny_tokenizer):
+    rows = instructions(5) + [{"instruction": "long " * 300, "response": "x"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    records = data.read_records(path)
+    kept, stats = data.tokenize_records(records, "airoboros", tiny_tokenizer, data_args(path, model_max_len=64))
+    assert len(kept) == 5 and stats.dropped_too_long == 1 and stats.truncated == 0
+    assert stats.ending_with_trained_eos == 5
+    kept, stats = data.tokenize_records(records, "airoboros", tiny_tokenizer,
+                                        data_args(path, model_max_len=64, skip_excess_length=False))
+    # truncation inside the prompt leaves nothing to train: counted as skipped, never silently kept
+    assert stats.truncated == 1 and stats.skipped_bad == 1 and len(kept) == 5
+
+
+def test_collator_masks_from_lengths_even_when_pad_is_eos():
+    eos = 2
+    collate = data.PaddingCollator(pad_token_id=eos)
+    batch = collate([{"input_ids": [1, 5, 6, eos], "labels": [IGNORE_INDEX, IGNORE_INDEX, 6, eos]},
+                     {"input_ids": [1, 7, eos], "labels": [IGNORE_INDEX, 7, eos]}])
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 6, eos], [IGNORE_INDEX, 7, eos, IGNORE_INDEX]]
+    assert batch["input_ids"].dtype == torch.long
+
+
+def test_prepare_only_writes_datasets_and_stats_then_a_run_reuses_them(tmp_path, tiny_model):
+    path = write_jsonl(tmp_path / "c.jsonl", conversations(20))
+    prepared = tmp_path / "prepared"
+    flags = ["--model_name_or_path", tiny_model, "--dataset", path, "--dataset_format", "airoboros_chat",
+             "--output_dir", str(tmp_path / "out"), "--dataset_prepared_path", str(prepared),
+             "--eval_dataset_size", "4", "--model_max_len", "256"]
+    first = run(train_py(*flags, "--prepare_only"), cwd=str(tmp_path))
+    assert first.returncode == 0, first.output[-3000:]
+    stats = json.loads((prepared / "stats.json").read_text())
+    assert stats["train"]["samples_read"] == 16 and stats["eval"]["samples_read"] == 4
+    assert stats["train"]["ending_with_trained_eos"] == stats["train"]["samples_kept"] == 16
+    assert 0 < stats["train"]["trained_token_fraction"] < 1
+    import datasets
+
+    train_set = datasets.load_from_disk(str(prepared / "train"))
+    assert {"input_ids", "labels"} <= set(train_set.column_names) and len(train_set) == 16
+    assert "[[" in first.output  # the preview marks trained spans
+    assert not (tmp_path / "out" / "completed").exists()
+
+    second = run(train_py(*flags, "--prepare_only"), cwd=str(tmp_path))
+    assert "reusing prepared data" in second.output
+    changed = run(train_py(*[f if f != "256" else "128" for f in flags], "--prepare_only"), cwd=str(tmp_path))
+    assert "reusing prepared data" not in changed.output and "preparing again" in changed.output

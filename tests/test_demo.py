@@ -1,0 +1,27 @@
+"""The built-in default (README command one) meets its bar: the end-to-end proof that masks, EOS, saving, merging
+and the inference prompt agree. Runs the same script a newcomer runs, in a temporary work dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+from conftest import ROOT, run
+
+from demo import EOS_BAR, EXACT_MATCH_BAR
+
+
+@pytest.mark.slow
+def test_demo_learns_the_task_and_stops_at_eos(tmp_path):
+    result = run([sys.executable, os.path.join(ROOT, "scripts", "demo.py"), "--work_dir", str(tmp_path / "demo")],
+                 cwd=str(tmp_path))
+    print(result.stdout[-2000:])
+    outcome = json.loads((tmp_path / "demo" / "demo_result.json").read_text())
+    assert outcome["n"] == 200
+    assert outcome["exact_match"] >= EXACT_MATCH_BAR, outcome
+    assert outcome["stopped_at_eos"] >= EOS_BAR, outcome
+    assert result.returncode == 0, result.output[-3000:]
+    assert "held-out exact match" in result.stdout
+    assert (tmp_path / "demo" / "merged" / "config.json").exists()
