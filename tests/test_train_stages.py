@@ -1,0 +1,84 @@
+"""The stages of train.py in-process: each model/tokenizer flag takes effect on the objects it should change."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import instructions, run, train_py, write_jsonl
+
+import train
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    return write_jsonl(tmp_path / "d.jsonl", instructions(8))
+
+
+def stages(tiny_model, data_file, tmp_path, *flags):
+    model_args, data_args, args, _ = train.parse_arguments(
+        ["--model_name_or_path", tiny_model, "--dataset", data_file, "--output_dir", str(tmp_path / "o"),
+         "--report_to", "none", *flags]
+    )
+    train.prepare_directories(args)
+    tokenizer = train.load_tokenizer(model_args)
+    model, new_tokens = train.load_model(model_args, args, tokenizer)
+    model = train.add_adapters(model, args, new_tokens)
+    train_set, eval_set, _ = train.build_datasets(data_args, args, tokenizer)
+    trainer = train.build_trainer(model, args, tokenizer, train_set, eval_set)
+    return trainer, tokenizer
+
+
+def test_qlora_flags_build_a_4bit_model_with_adapters_and_checkpointing(tiny_model, data_file, tmp_path):
+    import bitsandbytes as bnb
+
+    trainer, _ = stages(tiny_model, data_file, tmp_path, "--bits", "4", "--double_quant", "--quant_type", "fp4",
+                        "--lora_r", "4", "--lora_alpha", "8", "--lora_modules", "q_proj,v_proj", "--gradient_checkpointing")
+    model = trainer.model
+    quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized and all(m.weight.quant_type == "fp4" for m in quantized)
+    assert all(m.weight.quant_state.nested for m in quantized)  # --double_quant
+    lora_layers = {name.split(".")[-4] for name, _ in model.named_parameters() if "lora_A" in name}
+    assert lora_layers == {"q_proj", "v_proj"}
+    assert model.base_model.model.model.is_gradient_checkpointing
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    assert model.peft_config["default"].r == 4 and model.peft_config["default"].lora_alpha == 8
+
+
+def test_full_finetune_16_bit_bf16_trains_every_weight_in_bf16(tiny_model, data_file, tmp_path):
+    trainer, _ = stages(tiny_model, data_file, tmp_path, "--full_finetune", "--bits", "16", "--bf16")
+    params = list(trainer.model.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in params) and all(p.requires_grad for p in params)
+
+
+def test_lora_all_targets_every_linear_but_the_head(tiny_model, data_file, tmp_path):
+    trainer, _ = stages(tiny_model, data_file, tmp_path, "--bits", "32", "--lora_modules", "all", "--lora_r", "2")
+    targets = {name.split(".")[-4] for name, _ in trainer.model.named_parameters() if "lora_A" in name}
+    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_unknown_lora_module_lists_the_real_ones(tiny_model, data_file, tmp_path):
+    with pytest.raises(train.UsageError, match="no linear layer named query.*q_proj"):
+        stages(tiny_model, data_file, tmp_path, "--bits", "32", "--lora_modules", "query,v_proj")
+
+
+def test_new_pad_token_resizes_trains_and_saves_embeddings(tiny_model, data_file, tmp_path):
+    out = tmp_path / "adapter"
+    result = run(train_py("--model_name_or_path", tiny_model, "--dataset", data_file, "--output_dir", str(out),
+                          "--bits", "32", "--lora_r", "2", "--max_steps", "2", "--pad_token", "<pad>",
+                          "--report_to", "none"), cwd=str(tmp_path))
+    assert result.returncode == 0, result.output[-3000:]
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(out)
+    base = AutoTokenizer.from_pretrained(tiny_model)
+    assert saved.pad_token == "<pad>" and len(saved) == len(base) + 1
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert set(config["modules_to_save"]) == {"embed_tokens", "lm_head"}
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as handle:
+        embed = [k for k in handle.keys() if "embed_tokens" in k]
+        assert embed and handle.get_tensor(embed[0]).shape[0] == len(base) + 1
