@@ -365,6 +365,8 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
             "--report_to wandb: no WANDB_API_KEY and no `wandb login`; set WANDB_API_KEY, or WANDB_MODE=offline "
             "to log locally, or drop --report_to wandb"
         )
+    if data_args.expand_conversations:
+        logger.info("--expand_conversations: every assistant turn is trained already, one sample per conversation")
     model_args.attn_implementation = resolve_attention(model_args.attn_implementation)
 
 
@@ -400,7 +402,7 @@ def resolve_attention(requested: str) -> str:
 # --- stages, in the order they run ------------------------------------------------------------------------------------
 
 
-def setup_logging(args: Optional[TrainingArguments] = None) -> None:
+def setup_logging() -> None:
     """Rank 0 logs at INFO; the other ranks only warn, so every line appears once."""
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
     level = logging.INFO if rank == 0 else logging.WARNING

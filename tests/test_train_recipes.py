@@ -147,6 +147,13 @@ def test_lora_fp32_merge_matches_base_plus_adapter(tmp_path, tiny_model):
     assert (merged_logits - reference).abs().max().item() <= 1e-4
     assert (merged_logits - base_logits).abs().max().item() > 1e-3  # the adapter really changed the model
 
+    # a finished run whose merge is missing: re-running only merges, it does not train again
+    shutil.rmtree(merged)
+    again = run(lora_command(tiny_model, data_file, str(out), "--max_steps", "6", "--merged_output_dir", str(merged)), cwd=str(tmp_path))
+    assert again.returncode == 0, again.output[-3000:]
+    assert "already completed" in again.output and "'loss'" not in again.output
+    assert (logits(str(merged), ids) - merged_logits).abs().max().item() == 0.0
+
 
 def test_interrupted_run_resumes_at_its_checkpoint_and_finished_run_is_not_retrained(tmp_path, tiny_model):
     data_file = write_jsonl(tmp_path / "data.jsonl", instructions(40))
