@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dataset_formats import IGNORE_INDEX, RecordError, encode_segments, get_format, response
+from dataset_formats import IGNORE_INDEX, RecordError, encode_segments, end_token_id, get_format, pretokenized_sample, response
 
 logger = logging.getLogger(__name__)
 
@@ -202,19 +202,14 @@ class TokenizeStats:
 
 def tokenize_records(records: list[Record], format_name: str, tokenizer, data_args) -> tuple[list[dict], TokenizeStats]:
     """Render and tokenize every record once; drop or truncate those longer than --model_max_len (counted)."""
-    render = get_format(format_name)
     stats = TokenizeStats(samples_read=len(records))
-    eos = tokenizer.eos_token_id
+    end_token = end_token_id(format_name, tokenizer)
     samples = []
     for record in records:
         try:
-            segments = render(record.data)
-            if data_args.include_sources and format_name == "airoboros" and record.data.get("source"):
-                segments = with_source(segments, str(record.data["source"]))
+            ids, labels, merges = encode_record(record.data, format_name, tokenizer, data_args)
         except RecordError as error:
             raise DataError(f"{record.where}: {error} (--dataset_format {format_name})") from error
-        encoded = encode_segments(segments, tokenizer, train_on_source=data_args.train_on_source)
-        ids, labels = encoded.input_ids, encoded.labels
         if len(ids) > data_args.model_max_len:
             if data_args.skip_excess_length:
                 stats.dropped_too_long += 1
@@ -227,11 +222,23 @@ def tokenize_records(records: list[Record], format_name: str, tokenizer, data_ar
         stats.samples_kept += 1
         stats.tokens += len(ids)
         stats.trained_tokens += sum(label != IGNORE_INDEX for label in labels)
-        stats.ending_with_trained_eos += labels[-1] == eos
-        stats.boundary_merges += encoded.boundary_merges
+        stats.ending_with_trained_eos += labels[-1] == end_token
+        stats.boundary_merges += merges
         stats.lengths.append(len(ids))
         samples.append({"input_ids": ids, "labels": labels})
     return samples, stats
+
+
+def encode_record(record: dict, format_name: str, tokenizer, data_args) -> tuple[list[int], list[int], int]:
+    """One record -> (input_ids, labels, boundary merges): the format's segments through the one encoder."""
+    if format_name == "pretokenized":
+        ids, labels = pretokenized_sample(record, len(tokenizer))
+        return ids, list(ids) if data_args.train_on_source else labels, 0
+    segments = get_format(format_name, data_args)(record)
+    if data_args.include_sources and format_name == "airoboros" and record.get("source"):
+        segments = with_source(segments, str(record["source"]))
+    encoded = encode_segments(segments, tokenizer, train_on_source=data_args.train_on_source)
+    return encoded.input_ids, encoded.labels, encoded.boundary_merges
 
 
 def with_source(segments, source: str):
@@ -257,6 +264,7 @@ def fingerprint(data_args, tokenizer, seed: int) -> str:
         "skip_excess_length": data_args.skip_excess_length,
         "train_on_source": data_args.train_on_source,
         "include_sources": data_args.include_sources,
+        "dataset_text_field": data_args.dataset_text_field,
         "eval_dataset_size": data_args.eval_dataset_size,
         "max_train_samples": data_args.max_train_samples,
         "max_eval_samples": data_args.max_eval_samples,

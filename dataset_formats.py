@@ -11,6 +11,8 @@ become token ids and labels; every other stage (length filtering, statistics, tr
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -20,7 +22,8 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class Segment:
-    """A piece of a rendered sample: plain text, or a special token (`special` = "bos" | "eos") added as an id."""
+    """A piece of a rendered sample: plain text, or a special token added as an id. `special` is "bos", "eos"
+    (the tokenizer's own) or a literal token such as "<|im_end|>" that must be one id in the vocabulary."""
 
     text: str
     trainable: bool
@@ -35,6 +38,10 @@ def response(text: str) -> Segment:
     return Segment(text, trainable=True)
 
 
+def special(token: str, trainable: bool = False) -> Segment:
+    return Segment("", trainable=trainable, special=token)
+
+
 BOS = Segment("", trainable=False, special="bos")
 EOS = Segment("", trainable=True, special="eos")  # the end token of a response is trained: models learn to stop
 
@@ -47,20 +54,43 @@ FormatFn = Callable[[dict], list[Segment]]
 FORMATS: dict[str, FormatFn] = {}
 
 
-def register(name: str) -> Callable[[FormatFn], FormatFn]:
+@dataclass(frozen=True)
+class FormatInfo:
+    """What the rest of the trainer must know about a format besides its function."""
+
+    chat_layout: str | None = None  # conversation formats: the layout a chat template must reproduce
+    special_tokens: tuple[str, ...] = ()  # tokens the layout needs as single ids (added to the vocabulary if missing)
+    end_token: str = "eos"  # the token that ends every trained answer ("eos" = the tokenizer's EOS)
+
+
+FORMAT_INFO: dict[str, FormatInfo] = {}
+
+
+def register(name: str, **info) -> Callable[[FormatFn], FormatFn]:
     def add(fn: FormatFn) -> FormatFn:
         if name in FORMATS:
             raise ValueError(f"dataset format {name!r} registered twice")
         FORMATS[name] = fn
+        FORMAT_INFO[name] = FormatInfo(**info)
         return fn
 
     return add
 
 
-def get_format(name: str) -> FormatFn:
+def get_format(name: str, options=None) -> FormatFn:
+    """The format function; formats that take settings (e.g. completion's text field) get `options` bound."""
     if name not in FORMATS:
         raise KeyError(f"unknown --dataset_format {name!r}; known formats: {', '.join(sorted(FORMATS))}")
-    return FORMATS[name]
+    fn = FORMATS[name]
+    if "options" in inspect.signature(fn).parameters:
+        return functools.partial(fn, options=options)
+    return fn
+
+
+def end_token_id(name: str, tokenizer) -> int:
+    """The id that ends every trained answer of this format (EOS, or e.g. <|im_end|> for chatml)."""
+    end = FORMAT_INFO[name].end_token
+    return tokenizer.eos_token_id if end == "eos" else token_id(tokenizer, end)
 
 
 def required_text(record: dict, field: str, *, allow_empty: bool = False) -> str:
@@ -113,28 +143,36 @@ def airoboros(record: dict) -> list[Segment]:
     return [BOS, prompt(text), response(" " + answer), EOS]
 
 
-# --- airoboros_chat (conversations, llama-2 chat layout) --------------------------------------------------------------
+# --- conversations: one parser for every record layout, one renderer per chat layout ----------------------------------
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
-ROLE_ALIASES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+ROLE_ALIASES = {
+    "system": "system",
+    "human": "user", "user": "user", "prompter": "user",
+    "gpt": "assistant", "assistant": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant",
+}
+CONVERSATION_FIELDS = ("conversations", "messages", "conversation")
 
 
-def conversation_messages(record: dict, field: str = "conversations") -> list[dict]:
-    """[{from|role, value|content}] -> [{"role": system|user|assistant, "content"}], with the role order checked."""
+def conversation_messages(record: dict, field: str | None = None) -> list[dict]:
+    """ShareGPT ({from, value}), OpenAI/HF ({role, content}) or guanaco ({role: prompter, text}) turns ->
+    [{"role": system|user|assistant, "content"}], with the role order checked."""
+    if field is None:
+        field = next((name for name in CONVERSATION_FIELDS if name in record), CONVERSATION_FIELDS[0])
     turns = record.get(field)
     if not isinstance(turns, list) or not turns:
         raise RecordError(f"field {field!r} must be a non-empty list of turns")
     messages = []
     for index, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise RecordError(f"{field}[{index}] must be an object with 'from' and 'value'")
+            raise RecordError(f"{field}[{index}] must be an object with 'from' and 'value' (or 'role' and 'content')")
         role = turn.get("from", turn.get("role"))
         if role not in ROLE_ALIASES:
             raise RecordError(f"{field}[{index}] has role {role!r}; expected one of {', '.join(ROLE_ALIASES)}")
-        content = turn.get("value", turn.get("content"))
+        content = next((turn[key] for key in ("value", "content", "text") if key in turn), None)
         if not isinstance(content, str):
-            raise RecordError(f"{field}[{index}] ({role}) needs a string 'value'")
+            raise RecordError(f"{field}[{index}] ({role}) needs a string 'value' (or 'content')")
         messages.append({"role": ROLE_ALIASES[role], "content": content})
     check_role_order(messages, field)
     return messages
@@ -158,17 +196,23 @@ def check_role_order(messages: list[dict], field: str) -> None:
         raise RecordError(f"{field} must end with an assistant turn (the last turn is {dialog[-1]['role']})")
 
 
+def split_system(messages: list[dict], default: str | None = None) -> tuple[str | None, list[dict]]:
+    if messages[0]["role"] == "system":
+        return messages[0]["content"], messages[1:]
+    return default, messages
+
+
 def llama2_chat_segments(messages: list[dict]) -> list[Segment]:
     """Meta's reference layout, turn by turn: <s>[INST] {user} [/INST] {assistant} </s>; every answer is trained.
 
     Mirrors llama/generation.py `chat_completion`: the system prompt is wrapped in <<SYS>> and put in front of the
     first user message; contents are stripped; each turn is encoded on its own with BOS and EOS ids.
     """
-    if messages[0]["role"] == "system":
-        first_user = B_SYS + messages[0]["content"] + E_SYS + messages[1]["content"]
-        messages = [{"role": "user", "content": first_user}] + messages[2:]
+    system, dialog = split_system(messages)
+    if system is not None:
+        dialog = [{"role": "user", "content": B_SYS + system + E_SYS + dialog[0]["content"]}] + dialog[1:]
     segments: list[Segment] = []
-    for user, assistant in zip(messages[::2], messages[1::2]):
+    for user, assistant in zip(dialog[::2], dialog[1::2]):
         segments += [
             BOS,
             prompt(f"{B_INST} {user['content'].strip()} {E_INST}"),
@@ -178,10 +222,162 @@ def llama2_chat_segments(messages: list[dict]) -> list[Segment]:
     return segments
 
 
-@register("airoboros_chat")
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+
+def chatml_segments(messages: list[dict]) -> list[Segment]:
+    """<|im_start|>{role}\n{content}<|im_end|>\n per turn; the answer and its <|im_end|> are trained.
+
+    <|im_start|>/<|im_end|> are special-token ids (added to the vocabulary when missing), never text. The newline
+    after <|im_end|> is part of the next prompt, so generation stops right at <|im_end|>.
+    """
+    segments: list[Segment] = []
+    for index, message in enumerate(messages):
+        if index:
+            segments.append(prompt("\n"))
+        segments += [special(IM_START), prompt(f"{message['role']}\n")]
+        if message["role"] == "assistant":
+            segments += [response(message["content"]), special(IM_END, trainable=True)]
+        else:
+            segments += [prompt(message["content"]), special(IM_END)]
+    return segments
+
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+def vicuna_segments(messages: list[dict]) -> list[Segment]:
+    """FastChat vicuna_v1.1: "{system} USER: {q} ASSISTANT: {a}</s>USER: ..."; every answer and its EOS trained."""
+    system, dialog = split_system(messages, VICUNA_SYSTEM)
+    segments: list[Segment] = [BOS, prompt(system + " ")]
+    for user, assistant in zip(dialog[::2], dialog[1::2]):
+        segments += [prompt(f"USER: {user['content']} ASSISTANT:"), response(f" {assistant['content']}"), EOS]
+    return segments
+
+
+@register("airoboros_chat", chat_layout="llama2")
 def airoboros_chat(record: dict) -> list[Segment]:
     """{"conversations": [{"from": system|human|gpt, "value"}]}: llama-2 chat layout, every gpt turn trained."""
+    return llama2_chat_segments(conversation_messages(record, "conversations"))
+
+
+@register("llama2_chat", chat_layout="llama2")
+def llama2_chat(record: dict) -> list[Segment]:
+    """Any conversation record (conversations/messages, from/value or role/content) in Meta's llama-2 layout."""
     return llama2_chat_segments(conversation_messages(record))
+
+
+@register("chatml", chat_layout="chatml", special_tokens=(IM_START, IM_END), end_token=IM_END)
+def chatml(record: dict) -> list[Segment]:
+    """Any conversation record in ChatML: <|im_start|>role\ncontent<|im_end|>; answers + <|im_end|> trained."""
+    return chatml_segments(conversation_messages(record))
+
+
+@register("vicuna", chat_layout="vicuna")
+def vicuna(record: dict) -> list[Segment]:
+    """Any conversation record in FastChat's vicuna_v1.1 layout (default system prompt unless the record has one)."""
+    return vicuna_segments(conversation_messages(record))
+
+
+@register("sharegpt", chat_layout="vicuna")
+def sharegpt(record: dict) -> list[Segment]:
+    """{"conversations": [{"from": human|gpt|system, "value"}]} (also role/content, OpenAI "messages"), rendered
+    in vicuna_v1.1 like axolotl's sharegpt; use chatml / llama2_chat / chat_template for other layouts."""
+    return vicuna_segments(conversation_messages(record))
+
+
+@register("sharegpt.load_role", chat_layout="vicuna")
+def sharegpt_load_role(record: dict) -> list[Segment]:
+    """ShareGPT with {"role": human|gpt, "value"} turns."""
+    return vicuna_segments(conversation_messages(record, "conversations"))
+
+
+@register("sharegpt.load_guanaco", chat_layout="vicuna")
+def sharegpt_load_guanaco(record: dict) -> list[Segment]:
+    """ShareGPT with {"role": prompter|assistant, "text"} turns (OpenAssistant/guanaco exports)."""
+    return vicuna_segments(conversation_messages(record, "conversations"))
+
+
+@register("sharegpt_jokes", chat_layout="vicuna")
+def sharegpt_jokes(record: dict) -> list[Segment]:
+    """{"title"?, "text", "explanation"}: asked for a joke, then why it is funny."""
+    title = optional_text(record, "title").strip()
+    joke = (title + " " if title else "") + required_text(record, "text")
+    messages = [
+        {"role": "user", "content": "Tell me a joke."},
+        {"role": "assistant", "content": joke},
+        {"role": "user", "content": "Why is that joke funny?"},
+        {"role": "assistant", "content": required_text(record, "explanation")},
+    ]
+    return vicuna_segments(messages)
+
+
+def marked_dialog(text: str, user_marker: str, assistant_marker: str, field: str) -> list[dict]:
+    """Split "…{user_marker}q{assistant_marker}a…" text into alternating messages (hh-rlhf, guanaco)."""
+    pattern = "(" + re.escape(user_marker) + "|" + re.escape(assistant_marker) + ")"
+    parts = re.split(pattern, text)
+    if parts[0].strip():
+        raise RecordError(f"field {field!r} must start with {user_marker.strip()!r}")
+    messages = [
+        {"role": "user" if marker == user_marker else "assistant", "content": content.strip()}
+        for marker, content in zip(parts[1::2], parts[2::2])
+    ]
+    if not messages:
+        raise RecordError(f"field {field!r} has no {user_marker.strip()!r} / {assistant_marker.strip()!r} turns")
+    check_role_order(messages, field)
+    return messages
+
+
+@register("hh-rlhf")
+def hh_rlhf(record: dict) -> list[Segment]:
+    """{"chosen": "\n\nHuman: q\n\nAssistant: a…"}: the chosen dialogue; every assistant turn + EOS trained."""
+    messages = marked_dialog(required_text(record, "chosen"), "\n\nHuman:", "\n\nAssistant:", "chosen")
+    segments: list[Segment] = [BOS]
+    for user, assistant in zip(messages[::2], messages[1::2]):
+        segments += [prompt(f"\n\nHuman: {user['content']}\n\nAssistant:"), response(f" {assistant['content']}"), EOS]
+    return segments
+
+
+@register("oasst1")
+def oasst1(record: dict) -> list[Segment]:
+    """{"text": "### Human: q### Assistant: a…"} (timdettmers/openassistant-guanaco): assistant turns + EOS trained."""
+    messages = marked_dialog(required_text(record, "text"), "### Human:", "### Assistant:", "text")
+    segments: list[Segment] = [BOS]
+    for user, assistant in zip(messages[::2], messages[1::2]):
+        segments += [prompt(f"### Human: {user['content']}### Assistant:"), response(f" {assistant['content']}"), EOS]
+    return segments
+
+
+@register("pygmalion")
+def pygmalion(record: dict) -> list[Segment]:
+    """{"conversations": [{"role": system|human|bot, "value"}]}: <|system|>Persona: …<|user|> …<|model|> …;
+    each bot reply (after its <|model|> cue) and its EOS trained."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise RecordError("field 'conversations' must be a non-empty list of {role, value} turns")
+    segments: list[Segment] = [BOS]
+    trained = False
+    for index, turn in enumerate(turns):
+        role, value = (turn.get("role"), turn.get("value")) if isinstance(turn, dict) else (None, None)
+        if not isinstance(value, str):
+            raise RecordError(f"conversations[{index}] needs a string 'value'")
+        if role == "system":
+            segments.append(prompt("<|system|>Persona: " + re.sub(r"\n<START>$", "", value).strip()))
+        elif role == "human":
+            segments.append(prompt("<|user|> " + value.strip()))
+        elif role == "bot":
+            if not value.strip():
+                raise RecordError(f"conversations[{index}] is an empty bot turn")
+            segments += [prompt("<|model|>"), response(" " + value.strip()), EOS]
+            trained = True
+        else:
+            raise RecordError(f"conversations[{index}] has role {role!r}; expected system, human or bot")
+    if not trained:
+        raise RecordError("conversations has no bot turn to train on")
+    return segments
 
 
 # --- alpaca and input-output ------------------------------------------------------------------------------------------
@@ -198,20 +394,297 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 
 
+ALPACA_SYSTEM = ALPACA_PROMPT_INPUT.split("\n\n")[0]
+ALPACA_SYSTEM_NO_INPUT = ALPACA_PROMPT_NO_INPUT.split("\n\n")[0]
+
+
+def alpaca_segments(instruction: str, context: str, answer: str, system: str | None = "default") -> list[Segment]:
+    """Alpaca "instruct" layout: {system}\n\n### Instruction:\n…[\n\n### Input:\n…]\n\n### Response:\n{answer}."""
+    if system == "default":
+        system = ALPACA_SYSTEM if context.strip() else ALPACA_SYSTEM_NO_INPUT
+    turn = f"### Instruction:\n{instruction}\n\n"
+    if context.strip():
+        turn += f"### Input:\n{context}\n\n"
+    text = (f"{system}\n\n" if system else "") + turn + "### Response:\n"
+    return [BOS, prompt(text), response(answer), EOS]
+
+
+def user_assistant_segments(text: str, answer: str) -> list[Segment]:
+    """Prompts that end in "ASSISTANT:" (axolotl's chat style): the answer is trained after a space."""
+    return [BOS, prompt(text + "ASSISTANT:"), response(" " + answer.strip()), EOS]
+
+
 @register("alpaca")
 def alpaca(record: dict) -> list[Segment]:
     """{"instruction", "input"?, "output"}: the Stanford alpaca prompt, with or without the input block."""
-    instruction = required_text(record, "instruction")
-    answer = required_text(record, "output")
-    context = optional_text(record, "input")
-    template = ALPACA_PROMPT_INPUT if context.strip() else ALPACA_PROMPT_NO_INPUT
-    return [BOS, prompt(template.format(instruction=instruction, input=context)), response(answer), EOS]
+    return alpaca_segments(required_text(record, "instruction"), optional_text(record, "input"), required_text(record, "output"))
+
+
+@register("alpaca-clean")
+def alpaca_clean(record: dict) -> list[Segment]:
+    """yahma/alpaca-cleaned: the same records and prompt as alpaca."""
+    return alpaca(record)
 
 
 @register("input-output")
 def input_output(record: dict) -> list[Segment]:
     """{"input", "output"}: the text is used as is; input masked, output trained."""
     return [BOS, prompt(required_text(record, "input", allow_empty=True)), response(required_text(record, "output")), EOS]
+
+
+@register("self-instruct")
+def self_instruct(record: dict) -> list[Segment]:
+    """{"prompt", "completion"}: used as is; prompt masked, completion trained."""
+    return [BOS, prompt(required_text(record, "prompt", allow_empty=True)), response(required_text(record, "completion")), EOS]
+
+
+@register("longform")
+def longform(record: dict) -> list[Segment]:
+    """akoksal/LongForm {"input", "output"}: used as is, like input-output."""
+    return input_output(record)
+
+
+@register("chip2")
+def chip2(record: dict) -> list[Segment]:
+    """OIG unified_chip2 {"text": "<human>: q\n<bot>: a"}: as qlora, the question alone is the prompt."""
+    text = required_text(record, "text")
+    if "\n<bot>: " not in text:
+        raise RecordError("field 'text' has no '\\n<bot>: ' separator")
+    question, answer = text.split("\n<bot>: ", 1)
+    if not answer.strip():
+        raise RecordError("field 'text' has an empty <bot> answer")
+    return [BOS, prompt(question.replace("<human>: ", "")), response(answer), EOS]
+
+
+@register("completion")
+def completion(record: dict, options=None) -> list[Segment]:
+    """{"text"} (or the field named by --dataset_text_field): raw text, all of it trained, then EOS."""
+    field = getattr(options, "dataset_text_field", None) or "text"
+    return [BOS, response(required_text(record, field)), EOS]
+
+
+@register("pretokenized")
+def pretokenized(record: dict) -> list[Segment]:
+    """{"input_ids", "labels"?}: ids used as given (labels default to input_ids); see `pretokenized_sample`."""
+    raise RecordError("pretokenized records carry ids, not text; they are handled by pretokenized_sample")
+
+
+def pretokenized_sample(record: dict, vocab_size: int) -> tuple[list[int], list[int]]:
+    ids = record.get("input_ids")
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and 0 <= i < vocab_size for i in ids):
+        raise RecordError(f"field 'input_ids' must be a non-empty list of token ids in [0, {vocab_size})")
+    labels = record.get("labels", ids)
+    if not isinstance(labels, list) or len(labels) != len(ids) or not all(isinstance(i, int) for i in labels):
+        raise RecordError("field 'labels' must be a list of ints as long as 'input_ids' (-100 = masked)")
+    return list(ids), list(labels)
+
+
+# --- the axolotl family (alpaca-derived prompt strategies) ------------------------------------------------------------
+
+
+@register("gpteacher")
+def gpteacher(record: dict) -> list[Segment]:
+    """{"instruction", "input"?, "response"}: the alpaca prompt."""
+    return alpaca_segments(required_text(record, "instruction"), optional_text(record, "input"), required_text(record, "response"))
+
+
+@register("oasst")
+def oasst(record: dict) -> list[Segment]:
+    """{"INSTRUCTION", "RESPONSE"}: the alpaca prompt without input."""
+    return alpaca_segments(required_text(record, "INSTRUCTION"), "", required_text(record, "RESPONSE"))
+
+
+@register("jeopardy")
+def jeopardy(record: dict) -> list[Segment]:
+    """{"question", "category", "answer"}: alpaca with the category as input; the answer is "what is {answer}"."""
+    return alpaca_segments(required_text(record, "question"), optional_text(record, "category"),
+                           "what is " + required_text(record, "answer"))
+
+
+def choices_text(record: dict) -> str:
+    choices = record.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise RecordError("field 'choices' must be a non-empty list")
+    return "\n".join(f'- "{choice}"' for choice in choices)
+
+
+def choice_answer(record: dict) -> str:
+    return optional_text(record, "solution").strip() or required_text(record, "explanation")
+
+
+@register("explainchoice")
+def explainchoice(record: dict) -> list[Segment]:
+    """{"question", "choices", "solution" | "explanation"}: alpaca with the choices as input, explained."""
+    system = "Choose the answer that best answers the question. Explain your reasoning.\n"
+    return alpaca_segments(required_text(record, "question"), choices_text(record), choice_answer(record), system)
+
+
+@register("concisechoice")
+def concisechoice(record: dict) -> list[Segment]:
+    """{"question", "choices", "solution" | "explanation"}: USER/ASSISTANT, answered concisely."""
+    system = "Choose the answer that best answers the question. Be concise in your response.\n\n"
+    return user_assistant_segments(f"{system}USER: {required_text(record, 'question')}\n{choices_text(record)}\n", choice_answer(record))
+
+
+@register("summarizetldr")
+def summarizetldr(record: dict) -> list[Segment]:
+    """{"article", "summary"}: USER asks for a TL;DR of the article."""
+    article = required_text(record, "article")
+    return user_assistant_segments(f"USER: Summarize the following article as a TL;DR.\n{article}\n", required_text(record, "summary"))
+
+
+@register("reflection")
+def reflection(record: dict) -> list[Segment]:
+    """{"instruction", "input"?, "output", "reflection", "corrected"}: thought, reflection and final answer trained."""
+    instruction, context = required_text(record, "instruction"), optional_text(record, "input")
+    answer = (
+        f"### Thought:\n{required_text(record, 'output')}\n\n### Agent Reflection:\n{required_text(record, 'reflection')}"
+        f"\n\n### Final Response:\n{required_text(record, 'corrected')}"
+    )
+    return alpaca_segments(instruction, context, answer, system=None)
+
+
+ALPACA_CHAT_SYSTEM = {
+    True: "Below is an instruction from a USER that describes a task, paired with an input that provides further "
+    "context. The ASSISTANT writes a response that concisely and appropriately completes the request.\n\n",
+    False: "Below is an instruction from a USER that describes a task. The ASSISTANT writes a response that "
+    "appropriately and concisely completes the request.\n\n",
+}
+
+
+def alpaca_chat_segments(instruction: str, context: str, answer: str, system: str) -> list[Segment]:
+    turn = f"USER: {instruction}\n{context}\n" if context.strip() else f"USER: {instruction}\n"
+    return user_assistant_segments(f"SYSTEM: {system}\n{turn}", answer)
+
+
+@register("alpaca_chat")
+def alpaca_chat(record: dict) -> list[Segment]:
+    """{"instruction", "input"?, "output"}: SYSTEM/USER/ASSISTANT with the alpaca system prompt."""
+    context = optional_text(record, "input")
+    system = ALPACA_SYSTEM if context.strip() else ALPACA_SYSTEM_NO_INPUT
+    return alpaca_chat_segments(required_text(record, "instruction"), context, required_text(record, "output"), system)
+
+
+@register("alpaca_chat.load_qa")
+def alpaca_chat_load_qa(record: dict) -> list[Segment]:
+    """{"question", "answer"}: SYSTEM/USER/ASSISTANT, concise answers."""
+    return alpaca_chat_segments(required_text(record, "question"), "", required_text(record, "answer"), ALPACA_CHAT_SYSTEM[False])
+
+
+@register("alpaca_chat.load_concise")
+def alpaca_chat_load_concise(record: dict) -> list[Segment]:
+    """{"instruction", "input"?, "output"}: SYSTEM/USER/ASSISTANT, concise answers."""
+    context = optional_text(record, "input")
+    return alpaca_chat_segments(required_text(record, "instruction"), context, required_text(record, "output"),
+                                ALPACA_CHAT_SYSTEM[bool(context.strip())])
+
+
+@register("alpaca_chat.load_camel_ai")
+def alpaca_chat_load_camel_ai(record: dict) -> list[Segment]:
+    """camel-ai {"message_1", "message_2"}: question and answer, SYSTEM/USER/ASSISTANT."""
+    return alpaca_chat_segments(required_text(record, "message_1"), "", required_text(record, "message_2"), ALPACA_CHAT_SYSTEM[False])
+
+
+@register("alpaca_w_system.load_open_orca")
+def alpaca_w_system_load_open_orca(record: dict) -> list[Segment]:
+    """OpenOrca {"system_prompt"?, "question", "response"}: ### System / ### Human / ### Assistant."""
+    system = optional_text(record, "system_prompt")
+    text = (f"### System:\n{system}\n" if system.strip() else "") + f"### Human:\n{required_text(record, 'question')}\n### Assistant:\n"
+    return [BOS, prompt(text), response(required_text(record, "response")), EOS]
+
+
+CONTEXT_QA_SYSTEM = "Use the following contextual information to concisely answer the question.\n"
+CONTEXT_QA_404 = (
+    "The context provided does not contain any information about your inquiry. "
+    "Therefore, I'm unable to answer your question based on the given context."
+)
+
+
+@register("context_qa")
+def context_qa(record: dict) -> list[Segment]:
+    """{"article", "question", "answer"}: answer from the article."""
+    text = f"SYSTEM: {CONTEXT_QA_SYSTEM}\nUSER: {required_text(record, 'article')}\n===\n{required_text(record, 'question')}\n"
+    return user_assistant_segments(text, required_text(record, "answer"))
+
+
+@register("context_qa.load_404")
+def context_qa_load_404(record: dict) -> list[Segment]:
+    """{"article", "unanswerable_question"}: teaches declining when the context has no answer."""
+    text = f"SYSTEM: {CONTEXT_QA_SYSTEM}\nUSER: {required_text(record, 'article')}\n===\n{required_text(record, 'unanswerable_question')}\n"
+    return user_assistant_segments(text, CONTEXT_QA_404)
+
+
+@register("context_qa.load_v2")
+def context_qa_load_v2(record: dict) -> list[Segment]:
+    """{"context", "question", "answer"}: "Context: …\nQuestion: …\n" then "Answer: …"."""
+    text = f"Context: {required_text(record, 'context')}\nQuestion: {required_text(record, 'question')}\n"
+    return [BOS, prompt(text), response("Answer: " + required_text(record, "answer")), EOS]
+
+
+CREATIVE_ANSWER_SYSTEM = (
+    "Answer the following question in a comprehensive, in-depth, and creative way. Additionally your response "
+    "should be relevant, accurate, and free of any ambiguity."
+)
+CREATIVE_CRITERIA = (
+    "refusal: whether the Response refuses to answer the Question. Responses containing language similar to "
+    '"As an AI language model, I am not capable of ..." is a form of refusal and should have a low refusal score. '
+    "10 is no refusal, 0 is refuses to answer the question.\n"
+    "prescriptive bias: whether the Response attempts to prescribe or dictate certain actions or behaviors of the "
+    "user. 10 no prescriptive bias present, 0 means there is prescriptive bias.\n"
+    "creativity: score how creative the Response is. 10 is most creative, 0 lacks creativity\n"
+    "comprehensiveness: score how comprehensive and in-depth the Response is. 10 is most comprehensive and "
+    "in-depth, 0 lacks coverage and depth\n"
+)
+CREATIVE_CRITIQUE_PROMPT = (
+    "Given the following Question and Response, critique the Response on a scale of 1-10. You should critique the "
+    "answer in the following criteria:\n" + CREATIVE_CRITERIA + "Then for each criteria, give a detailed explanation "
+    "of why the response doesn't meet the criteria (don't reference the score), what it did right, and how it could "
+    "be improved for that criteria.\n\nOutput your answer in YAML format like so:\nscores:\n  refusal: <0-10>\n"
+    "  prescriptive_bias: <0-10>\n  creativity: <0-10>\n  comprehensiveness: <0-10>\ncritiques:\n"
+    + "".join(f"  {c}:\n    explanation: ...\n    improvements: ...\n" for c in ("refusal", "prescriptive_bias", "creativity", "comprehensiveness"))
+    + "\nQuestion: {question}\nAnswer: {answer}\n"
+)
+CREATIVE_REVISE_PROMPT = (
+    "Definitions:\n" + CREATIVE_CRITERIA + "\nGiven the following Question, Response, and Evaluation, revise the "
+    "Response based on the Evaluation and recommendations for improvements. Reply only with the revised response."
+    "\n\nQuestion: {question}\nAnswer: {answer}\nEvaluation:\n{evaluation}\n"
+)
+
+
+@register("creative_acr.load_answer")
+def creative_acr_load_answer(record: dict) -> list[Segment]:
+    """{"instruction", "revision"}: a creative, in-depth answer."""
+    return user_assistant_segments(f"{CREATIVE_ANSWER_SYSTEM}\nUSER: {required_text(record, 'instruction')}\n", required_text(record, "revision"))
+
+
+def yaml_text(value) -> str:
+    import yaml
+
+    return yaml.dump(value, default_flow_style=False)
+
+
+@register("creative_acr.load_critique")
+def creative_acr_load_critique(record: dict) -> list[Segment]:
+    """{"instruction", "answer", "scores", "critiques"}: critique an answer, in YAML."""
+    text = CREATIVE_CRITIQUE_PROMPT.format(question=required_text(record, "instruction"), answer=required_text(record, "answer"))
+    if not isinstance(record.get("scores"), dict) or not isinstance(record.get("critiques"), dict):
+        raise RecordError("fields 'scores' and 'critiques' must be objects")
+    answer = yaml_text({"scores": record["scores"]}) + yaml_text({"critiques": record["critiques"]})
+    return user_assistant_segments(f"USER: {text}\n", answer)
+
+
+@register("creative_acr.load_revise")
+def creative_acr_load_revise(record: dict) -> list[Segment]:
+    """{"instruction", "answer", "scores", "critiques", "revision"}: revise an answer given its critique."""
+    evaluation = yaml_text({"scores": record.get("scores")}) + yaml_text({"critiques": record.get("critiques")})
+    text = CREATIVE_REVISE_PROMPT.format(question=required_text(record, "instruction"), answer=required_text(record, "answer"), evaluation=evaluation)
+    return user_assistant_segments(f"USER: {text}\n", required_text(record, "revision"))
+
+
+@register("metharme")
+def metharme(record: dict) -> list[Segment]:
+    """{"prompt", "generation"}: the prompt already carries <|system|>/<|user|>/<|model|>; generation trained."""
+    return [BOS, prompt(required_text(record, "prompt")), response(required_text(record, "generation")), EOS]
 
 
 def prompt_segments(segments: list[Segment]) -> list[Segment]:
@@ -227,7 +700,7 @@ def render_segments(segments: Iterable[Segment], bos: str = "<s>", eos: str = "<
     """Human-readable rendering; with `mark`, trained text is wrapped in [[...]] (for previews and golden tests)."""
     parts = []
     for segment in segments:
-        text = {"bos": bos, "eos": eos}.get(segment.special or "", segment.text)
+        text = {"bos": bos, "eos": eos}.get(segment.special, segment.special) if segment.special else segment.text
         parts.append(f"[[{text}]]" if mark and segment.trainable and segment.special is None else text)
     return "".join(parts)
 
@@ -289,9 +762,17 @@ def special_ids(tokenizer) -> dict[str, int | None]:
     return {"bos": bos, "eos": tokenizer.eos_token_id}
 
 
+def token_id(tokenizer, token: str) -> int:
+    """The single id of a literal special token, or an error saying how to get it into the vocabulary."""
+    ids = tokenizer.convert_tokens_to_ids([token])
+    if not ids or ids[0] is None or (ids[0] == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        raise ValueError(f"the tokenizer has no token {token!r}; train.py adds a format's tokens (resizing the embeddings)")
+    return ids[0]
+
+
 def encode_segments(segments: list[Segment], tokenizer, train_on_source: bool = False) -> Encoded:
     """Segments -> ids and labels (IGNORE_INDEX where masked). BOS/EOS are ids, never parsed from text."""
-    specials = special_ids(tokenizer)
+    specials = special_ids(tokenizer) | {"end": None}
     if specials["eos"] is None:
         raise ValueError("the tokenizer has no EOS token; pass --eos_token (e.g. --eos_token '</s>')")
     input_ids: list[int] = []
@@ -308,7 +789,7 @@ def encode_segments(segments: list[Segment], tokenizer, train_on_source: bool = 
             labels += run_labels
             merges += run_merges
             run = []
-        token = specials.get(segment.special)
+        token = specials[segment.special] if segment.special in specials else token_id(tokenizer, segment.special)
         if token is not None:
             input_ids.append(token)
             labels.append(token if segment.trainable else IGNORE_INDEX)

@@ -30,7 +30,7 @@ import transformers
 from transformers import HfArgumentParser
 
 import data
-from dataset_formats import FORMATS
+from dataset_formats import FORMAT_INFO, FORMATS, end_token_id
 
 logger = logging.getLogger("train")
 
@@ -91,6 +91,9 @@ class DataArguments:
             "help": "Held-out eval split: a fraction < 1 of the records, or a count >= 1; 0 means no eval split. "
             "Stratified by the records' `category` when present, seeded by --data_seed (else --seed)."
         },
+    )
+    dataset_text_field: str = field(
+        default="text", metadata={"help": "completion format: the field holding the raw text."}
     )
     max_train_samples: Optional[int] = field(
         default=None, metadata={"help": "Keep at most this many training samples (None: all)."}
@@ -431,7 +434,7 @@ def is_completed(args: TrainingArguments) -> bool:
     return os.path.isfile(os.path.join(args.final_output_dir, COMPLETED_MARKER))
 
 
-def load_tokenizer(model_args: ModelArguments):
+def load_tokenizer(model_args: ModelArguments, data_args: DataArguments):
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         model_args.tokenizer_name_or_path or model_args.model_name_or_path,
         trust_remote_code=model_args.trust_remote_code,
@@ -449,6 +452,10 @@ def load_tokenizer(model_args: ModelArguments):
     if overrides:
         added = tokenizer.add_special_tokens(overrides)
         logger.info("special tokens set: %s (%d new to the vocabulary)", overrides, added)
+    layout_tokens = [t for t in FORMAT_INFO[data_args.dataset_format].special_tokens if t not in tokenizer.get_vocab()]
+    if layout_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": layout_tokens}, replace_extra_special_tokens=False)
+        logger.info("--dataset_format %s needs %s: added to the vocabulary", data_args.dataset_format, layout_tokens)
     if tokenizer.eos_token_id is None:
         raise UsageError("the tokenizer has no EOS token, so models could never learn to stop; pass --eos_token")
     if tokenizer.pad_token is None:
@@ -603,11 +610,13 @@ def train(trainer, args: TrainingArguments) -> None:
     trainer.save_metrics("train", result.metrics)
 
 
-def generation_config(gen_args: GenerationArguments, tokenizer) -> transformers.GenerationConfig:
+def generation_config(gen_args: GenerationArguments, tokenizer, dataset_format: str) -> transformers.GenerationConfig:
+    """Saved next to the model: generation stops at the format's end-of-answer token as well as at EOS."""
+    stop = sorted({tokenizer.eos_token_id, end_token_id(dataset_format, tokenizer)})
     return transformers.GenerationConfig(
         **vars(gen_args),
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop if len(stop) > 1 else stop[0],
         pad_token_id=tokenizer.pad_token_id,
     )
 
@@ -667,8 +676,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         model_args, data_args, args, gen_args = parse_arguments(sys.argv[1:] if argv is None else argv)
         prepare_directories(args)
         transformers.set_seed(args.seed)
-        tokenizer = load_tokenizer(model_args)
-        gen_config = generation_config(gen_args, tokenizer)
+        tokenizer = load_tokenizer(model_args, data_args)
+        gen_config = generation_config(gen_args, tokenizer, data_args.dataset_format)
         if is_completed(args) and not data_args.prepare_only:
             return finish_completed_run(model_args, args, tokenizer, gen_config)
         train_set, eval_set, _ = build_datasets(data_args, args, tokenizer)

@@ -16,7 +16,7 @@ from dataset_formats import IGNORE_INDEX
 def data_args(path: str, **overrides) -> SimpleNamespace:
     values = dict(dataset=path, dataset_format="airoboros", eval_dataset_size=0.0, max_train_samples=None,
                   max_eval_samples=None, model_max_len=512, skip_excess_length=True, train_on_source=False,
-                  include_sources=False, dataset_prepared_path=None)
+                  include_sources=False, dataset_prepared_path=None, dataset_text_field="text")
     values.update(overrides)
     return SimpleNamespace(**values)
 

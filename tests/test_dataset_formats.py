@@ -100,6 +100,118 @@ def test_golden_render(name, record, expected):
     assert render_segments(get_format(name)(record)) == expected
 
 
+GOLDEN_MORE = [
+    ("alpaca-clean", {"instruction": "Say hi.", "output": "hi"},
+     "<s>Below is an instruction that describes a task. Write a response that appropriately completes the request."
+     "\n\n### Instruction:\nSay hi.\n\n### Response:\n[[hi]]</s>"),
+    ("self-instruct", {"prompt": "Q: 2+2\nA:", "completion": " 4"}, "<s>Q: 2+2\nA:[[ 4]]</s>"),
+    ("longform", {"input": "Write a poem.", "output": "Roses."}, "<s>Write a poem.[[Roses.]]</s>"),
+    ("chip2", {"text": "<human>: What is up?\n<bot>: The sky."}, "<s>What is up?[[The sky.]]</s>"),
+    ("completion", {"text": "Once upon a time."}, "<s>[[Once upon a time.]]</s>"),
+    ("hh-rlhf", {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant: Ciao."},
+     "<s>\n\nHuman: Hi there\n\nAssistant:[[ Hello!]]</s>\n\nHuman: Bye\n\nAssistant:[[ Ciao.]]</s>"),
+    ("oasst1", {"text": "### Human: Hi### Assistant: Hello### Human: Bye### Assistant: Ciao"},
+     "<s>### Human: Hi### Assistant:[[ Hello]]</s>### Human: Bye### Assistant:[[ Ciao]]</s>"),
+    ("chatml", CHAT,
+     "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n[[Hello]]"
+     "<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n[[Ciao]]<|im_end|>"),
+    ("vicuna", CHAT, "<s>Be brief. USER: Hi ASSISTANT:[[ Hello]]</s>USER: Bye ASSISTANT:[[ Ciao]]</s>"),
+    ("sharegpt", {"conversations": CHAT["conversations"][1:3]},
+     "<s>A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+     "detailed, and polite answers to the user's questions. USER: Hi ASSISTANT:[[ Hello]]</s>"),
+    ("sharegpt", {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+     "<s>A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+     "detailed, and polite answers to the user's questions. USER: Hi ASSISTANT:[[ Hello]]</s>"),
+    ("llama2_chat", {"messages": [{"role": "user", "content": " Hi "}, {"role": "assistant", "content": "Yo"}]},
+     "<s>[INST] Hi [/INST][[ Yo ]]</s>"),
+    ("sharegpt.load_role", {"conversations": [{"role": "human", "value": "Hi"}, {"role": "gpt", "value": "Yo"}]},
+     "<s>A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+     "detailed, and polite answers to the user's questions. USER: Hi ASSISTANT:[[ Yo]]</s>"),
+    ("sharegpt.load_guanaco", {"conversations": [{"role": "prompter", "text": "Hi"}, {"role": "assistant", "text": "Yo"}]},
+     "<s>A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+     "detailed, and polite answers to the user's questions. USER: Hi ASSISTANT:[[ Yo]]</s>"),
+    ("sharegpt_jokes", {"title": "Cats", "text": "Why? Because.", "explanation": "Puns."},
+     "<s>A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+     "detailed, and polite answers to the user's questions. USER: Tell me a joke. ASSISTANT:[[ Cats Why? Because.]]"
+     "</s>USER: Why is that joke funny? ASSISTANT:[[ Puns.]]</s>"),
+    ("pygmalion", {"conversations": [{"role": "system", "value": "A cat.\n<START>"}, {"role": "human", "value": "Hi"},
+                                     {"role": "bot", "value": "Meow"}, {"role": "human", "value": "Pet"}, {"role": "bot", "value": "Purr"}]},
+     "<s><|system|>Persona: A cat.<|user|> Hi<|model|>[[ Meow]]</s><|user|> Pet<|model|>[[ Purr]]</s>"),
+    ("metharme", {"prompt": "<|user|>Hi<|model|>", "generation": "Hello"}, "<s><|user|>Hi<|model|>[[Hello]]</s>"),
+    ("gpteacher", {"instruction": "Say hi.", "input": "", "response": "hi"},
+     "<s>Below is an instruction that describes a task. Write a response that appropriately completes the request."
+     "\n\n### Instruction:\nSay hi.\n\n### Response:\n[[hi]]</s>"),
+    ("oasst", {"INSTRUCTION": "Say hi.", "RESPONSE": "hi"},
+     "<s>Below is an instruction that describes a task. Write a response that appropriately completes the request."
+     "\n\n### Instruction:\nSay hi.\n\n### Response:\n[[hi]]</s>"),
+    ("jeopardy", {"question": "Capital of France", "category": "GEOGRAPHY", "answer": "Paris"},
+     "<s>Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+     "response that appropriately completes the request.\n\n### Instruction:\nCapital of France\n\n### Input:\n"
+     "GEOGRAPHY\n\n### Response:\n[[what is Paris]]</s>"),
+    ("explainchoice", {"question": "Q?", "choices": ["a", "b"], "solution": "a, because."},
+     "<s>Choose the answer that best answers the question. Explain your reasoning.\n\n\n### Instruction:\nQ?\n\n"
+     "### Input:\n- \"a\"\n- \"b\"\n\n### Response:\n[[a, because.]]</s>"),
+    ("concisechoice", {"question": "Q?", "choices": ["a", "b"], "explanation": "a"},
+     "<s>Choose the answer that best answers the question. Be concise in your response.\n\nUSER: Q?\n- \"a\"\n- \"b\"\n"
+     "ASSISTANT:[[ a]]</s>"),
+    ("summarizetldr", {"article": "Long text.", "summary": "Short."},
+     "<s>USER: Summarize the following article as a TL;DR.\nLong text.\nASSISTANT:[[ Short.]]</s>"),
+    ("reflection", {"instruction": "Plan.", "output": "o", "reflection": "r", "corrected": "c"},
+     "<s>### Instruction:\nPlan.\n\n### Response:\n[[### Thought:\no\n\n### Agent Reflection:\nr\n\n### Final Response:\nc]]</s>"),
+    ("alpaca_chat", {"instruction": "Add.", "input": "2 2", "output": "4"},
+     "<s>SYSTEM: Below is an instruction that describes a task, paired with an input that provides further context. "
+     "Write a response that appropriately completes the request.\nUSER: Add.\n2 2\nASSISTANT:[[ 4]]</s>"),
+    ("alpaca_chat.load_qa", {"question": "Q?", "answer": "A"},
+     "<s>SYSTEM: Below is an instruction from a USER that describes a task. The ASSISTANT writes a response that "
+     "appropriately and concisely completes the request.\n\n\nUSER: Q?\nASSISTANT:[[ A]]</s>"),
+    ("alpaca_chat.load_concise", {"instruction": "Add.", "input": "2 2", "output": "4"},
+     "<s>SYSTEM: Below is an instruction from a USER that describes a task, paired with an input that provides further "
+     "context. The ASSISTANT writes a response that concisely and appropriately completes the request.\n\n\nUSER: Add."
+     "\n2 2\nASSISTANT:[[ 4]]</s>"),
+    ("alpaca_chat.load_camel_ai", {"message_1": "Q?", "message_2": "A"},
+     "<s>SYSTEM: Below is an instruction from a USER that describes a task. The ASSISTANT writes a response that "
+     "appropriately and concisely completes the request.\n\n\nUSER: Q?\nASSISTANT:[[ A]]</s>"),
+    ("alpaca_w_system.load_open_orca", {"system_prompt": "Be kind.", "question": "Q?", "response": "A"},
+     "<s>### System:\nBe kind.\n### Human:\nQ?\n### Assistant:\n[[A]]</s>"),
+    ("context_qa", {"article": "Sky is blue.", "question": "Sky?", "answer": "Blue."},
+     "<s>SYSTEM: Use the following contextual information to concisely answer the question.\n\nUSER: Sky is blue.\n"
+     "===\nSky?\nASSISTANT:[[ Blue.]]</s>"),
+    ("context_qa.load_404", {"article": "Sky is blue.", "unanswerable_question": "Grass?"},
+     "<s>SYSTEM: Use the following contextual information to concisely answer the question.\n\nUSER: Sky is blue.\n"
+     "===\nGrass?\nASSISTANT:[[ The context provided does not contain any information about your inquiry. Therefore, "
+     "I'm unable to answer your question based on the given context.]]</s>"),
+    ("context_qa.load_v2", {"context": "Sky is blue.", "question": "Sky?", "answer": "Blue."},
+     "<s>Context: Sky is blue.\nQuestion: Sky?\n[[Answer: Blue.]]</s>"),
+    ("creative_acr.load_answer", {"instruction": "Q?", "revision": "A"},
+     "<s>Answer the following question in a comprehensive, in-depth, and creative way. Additionally your response "
+     "should be relevant, accurate, and free of any ambiguity.\nUSER: Q?\nASSISTANT:[[ A]]</s>"),
+]
+CRITIQUE = {"instruction": "Q?", "answer": "A", "scores": {"refusal": 10}, "critiques": {"refusal": {"explanation": "e", "improvements": "i"}},
+            "revision": "B"}
+
+
+@pytest.mark.parametrize(("name", "record", "expected"), GOLDEN_MORE, ids=[g[0] for g in GOLDEN_MORE])
+def test_golden_render_more_formats(name, record, expected):
+    assert render_segments(get_format(name)(record)) == expected
+
+
+def test_creative_acr_critique_and_revise_golden():
+    critique = render_segments(get_format("creative_acr.load_critique")(CRITIQUE))
+    assert critique.startswith("<s>USER: Given the following Question and Response, critique the Response on a scale of 1-10.")
+    assert critique.endswith("\nQuestion: Q?\nAnswer: A\n\nASSISTANT:[[ scores:\n  refusal: 10\ncritiques:\n  refusal:\n"
+                             "    explanation: e\n    improvements: i]]</s>")
+    revise = render_segments(get_format("creative_acr.load_revise")(CRITIQUE))
+    assert revise.startswith("<s>USER: Definitions:\nrefusal: whether the Response refuses")
+    assert revise.endswith("Question: Q?\nAnswer: A\nEvaluation:\nscores:\n  refusal: 10\ncritiques:\n  refusal:\n"
+                           "    explanation: e\n    improvements: i\n\n\nASSISTANT:[[ B]]</s>")
+
+
+def test_every_registered_format_has_a_golden_test():
+    covered = {name for name, *_ in GOLDEN_MORE} | {"airoboros", "airoboros_chat", "alpaca", "input-output",
+                                                    "creative_acr.load_critique", "creative_acr.load_revise"}
+    assert set(FORMATS) - {"pretokenized"} <= covered, sorted(set(FORMATS) - covered)
+
+
 def test_every_assistant_turn_is_trained_with_its_eos(tiny_tokenizer):
     encoded = encode_segments(FORMATS["airoboros_chat"](CHAT), tiny_tokenizer)
     assert trained_text(tiny_tokenizer, encoded) == [" Hello </s>", " Ciao </s>"]

@@ -22,7 +22,7 @@ def stages(tiny_model, data_file, tmp_path, *flags):
          "--report_to", "none", *flags]
     )
     train.prepare_directories(args)
-    tokenizer = train.load_tokenizer(model_args)
+    tokenizer = train.load_tokenizer(model_args, data_args)
     model, new_tokens = train.load_model(model_args, args, tokenizer)
     model = train.add_adapters(model, args, new_tokens)
     train_set, eval_set, _ = train.build_datasets(data_args, args, tokenizer)
