@@ -96,3 +96,37 @@ def write_jsonl(path, rows: list[dict]) -> str:
 
 def instructions(n: int) -> list[dict]:
     return [{"instruction": f"Say the number {i}.", "response": f"The number is {i}."} for i in range(n)]
+
+
+def sentencepiece_tokenizer_dir(model_file: str, folder) -> str:
+    """A transformers tokenizer folder for a Llama/Mistral sentencepiece model (../shared/README.md recipe)."""
+    import shutil
+
+    shutil.copy(model_file, os.path.join(folder, "tokenizer.model"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as handle:
+        json.dump({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
+                   "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, handle)
+    return str(folder)
+
+
+REAL_TOKENIZERS = {
+    "llama2": os.path.join(SHARED, "tokenizers", "llama2", "tokenizer.model"),
+    "mistral": os.path.join(SHARED, "tokenizers", "mistral_v1", "tokenizer.model.v1"),
+    "gpt2": os.path.join(SHARED, "tokenizers", "gpt2", "tokenizer.json"),
+}
+
+
+@pytest.fixture(scope="session", params=["tiny", "llama2", "mistral", "gpt2"])
+def any_tokenizer(request, tiny_model, tmp_path_factory):
+    """The tiny BPE tokenizer and, when ../shared is present, the real Llama-2, Mistral and GPT-2 tokenizers."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if request.param == "tiny":
+        return AutoTokenizer.from_pretrained(tiny_model)
+    path = REAL_TOKENIZERS[request.param]
+    if not os.path.isfile(path):
+        pytest.skip(f"{path} is absent (../shared/data)")
+    if request.param == "gpt2":
+        return PreTrainedTokenizerFast(tokenizer_file=path, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                       unk_token="<|endoftext|>")
+    return AutoTokenizer.from_pretrained(sentencepiece_tokenizer_dir(path, tmp_path_factory.mktemp(request.param)))

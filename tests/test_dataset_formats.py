@@ -335,3 +335,54 @@ def test_llama2_chat_ids_match_meta_reference(llama2, turns):
     answers = [t for r, t in turns if r == "gpt"]
     assert trained_text(tokenizer, encoded) == [f"{a.strip()} </s>" for a in answers]  # decode drops the leading ▁
     assert encoded.boundary_merges == 0
+
+
+# --- guarantees across every format and real tokenizers ----------------------------------------------------------------
+
+ALL_SAMPLES = GOLDEN_MORE + [
+    ("airoboros", {"instruction": "What is the capital of France?", "response": "Paris."}, None),
+    ("airoboros", {"instruction": "Code it. PLAINFORMAT", "response": "print(1)", "system": "You code."}, None),
+    ("airoboros_chat", CHAT, None),
+    ("alpaca", {"instruction": "Add.", "input": "2 2", "output": "4"}, None),
+    ("input-output", {"input": "2+2=", "output": "4"}, None),
+    ("creative_acr.load_critique", CRITIQUE, None),
+    ("creative_acr.load_revise", CRITIQUE, None),
+]
+
+
+def with_format_tokens(tokenizer, name):
+    from dataset_formats import FORMAT_INFO
+
+    needed = [t for t in FORMAT_INFO[name].special_tokens if t not in tokenizer.get_vocab()]
+    if needed:
+        import copy
+
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.add_special_tokens({"additional_special_tokens": needed}, replace_extra_special_tokens=False)
+    return tokenizer
+
+
+@pytest.mark.parametrize(("name", "record"), [(n, r) for n, r, _ in ALL_SAMPLES], ids=[n for n, _, _ in ALL_SAMPLES])
+def test_masks_are_token_exact_and_every_answer_ends_with_a_trained_end_token(any_tokenizer, name, record):
+    from dataset_formats import end_token_id, special_ids
+
+    tokenizer = with_format_tokens(any_tokenizer, name)
+    segments = get_format(name)(record)
+    encoded = encode_segments(segments, tokenizer)
+    end = end_token_id(name, tokenizer)
+    # guarantee 3: the sample ends with its trained end token; one per answer
+    assert encoded.labels[-1] == end == encoded.input_ids[-1]
+    answers = sum(1 for s in segments if s.trainable and s.special is not None)
+    assert sum(1 for i, label in zip(encoded.input_ids, encoded.labels) if label == end and i == end) == answers
+    # no double BOS, and BOS only where the format puts one
+    bos = special_ids(tokenizer)["bos"]
+    if bos is not None:
+        assert encoded.input_ids.count(bos) == sum(s.special == "bos" for s in segments)
+        assert encoded.input_ids[:2] != [bos, bos]
+    # guarantee 2: the boundaries are stable (the prompt alone encodes to a prefix), and the trained tokens are
+    # exactly the answers and their end tokens (compared without whitespace, which decoders normalise)
+    assert encoded.boundary_merges == 0
+    end_text = tokenizer.convert_ids_to_tokens(end)
+    expected = [s.text if s.special is None else end_text for s in segments if s.trainable]
+    decoded = "".join(tokenizer.decode([t]) for t, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX)
+    assert "".join(decoded.split()) == "".join("".join(expected).split())
