@@ -179,10 +179,12 @@ class TokenizeStats:
     samples_kept: int = 0
     dropped_too_long: int = 0
     truncated: int = 0
-    skipped_bad: int = 0
+    bad_records: int = 0  # skipped with --skip_bad_records
+    bad_record_examples: list[str] = field(default_factory=list)
+    no_trained_tokens: int = 0  # e.g. truncated down to the prompt: nothing to learn, skipped
     tokens: int = 0
     trained_tokens: int = 0
-    ending_with_trained_eos: int = 0
+    ending_with_trained_end_token: int = 0  # EOS, or the format's end-of-turn token (chatml: <|im_end|>)
     boundary_merges: int = 0
     lengths: list[int] = field(default_factory=list)
 
@@ -209,24 +211,47 @@ def tokenize_records(records: list[Record], format_name: str, tokenizer, data_ar
         try:
             ids, labels, merges = encode_record(record.data, format_name, tokenizer, data_args)
         except RecordError as error:
-            raise DataError(f"{record.where}: {error} (--dataset_format {format_name})") from error
+            message = f"{record.where}: {error} (--dataset_format {format_name})"
+            if not data_args.skip_bad_records:
+                raise DataError(message + "; fix the record or pass --skip_bad_records") from error
+            stats.bad_records += 1
+            if len(stats.bad_record_examples) < 5:
+                stats.bad_record_examples.append(message)
+            continue
         if len(ids) > data_args.model_max_len:
-            if data_args.skip_excess_length:
+            if data_args.excess_length == "raise":
+                raise DataError(
+                    f"{record.where}: {len(ids)} tokens, more than --model_max_len {data_args.model_max_len}; "
+                    "raise --model_max_len, or pass --excess_length drop (or truncate)"
+                )
+            if data_args.excess_length == "drop":
                 stats.dropped_too_long += 1
                 continue
-            ids, labels = ids[: data_args.model_max_len], labels[: data_args.model_max_len]
+            ids, labels = truncate_keeping_cue(ids, labels, data_args.model_max_len)
             stats.truncated += 1
         if all(label == IGNORE_INDEX for label in labels):
-            stats.skipped_bad += 1  # nothing left to learn from (e.g. the prompt alone fills --model_max_len)
+            stats.no_trained_tokens += 1
             continue
         stats.samples_kept += 1
         stats.tokens += len(ids)
         stats.trained_tokens += sum(label != IGNORE_INDEX for label in labels)
-        stats.ending_with_trained_eos += labels[-1] == end_token
+        stats.ending_with_trained_end_token += labels[-1] == end_token
         stats.boundary_merges += merges
         stats.lengths.append(len(ids))
         samples.append({"input_ids": ids, "labels": labels})
     return samples, stats
+
+
+def truncate_keeping_cue(ids: list[int], labels: list[int], max_len: int) -> tuple[list[int], list[int]]:
+    """Cut the answer's tail; if the prompt alone does not fit, cut the prompt's beginning (after its first token,
+    usually BOS) instead, so the assistant cue right before the answer always survives."""
+    first_trained = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+    if first_trained < max_len:
+        return ids[:max_len], labels[:max_len]
+    answer = min(len(ids) - first_trained, max_len // 2)
+    prompt_room = max_len - answer - 1
+    keep = [0] + list(range(first_trained - prompt_room, first_trained + answer))
+    return [ids[i] for i in keep], [labels[i] for i in keep]
 
 
 def encode_record(record: dict, format_name: str, tokenizer, data_args) -> tuple[list[int], list[int], int]:
@@ -261,7 +286,8 @@ def fingerprint(data_args, tokenizer, seed: int) -> str:
         "version": PREPARED_VERSION,
         "format": data_args.dataset_format,
         "model_max_len": data_args.model_max_len,
-        "skip_excess_length": data_args.skip_excess_length,
+        "excess_length": data_args.excess_length,
+        "skip_bad_records": data_args.skip_bad_records,
         "train_on_source": data_args.train_on_source,
         "include_sources": data_args.include_sources,
         "dataset_text_field": data_args.dataset_text_field,
@@ -304,7 +330,7 @@ def prepare_datasets(data_args, tokenizer, seed: int, write: bool):
         raise DataError(
             f"{data_args.dataset}: no training sample is left after tokenization "
             f"({train_stats.dropped_too_long} of {train_stats.samples_read} exceed --model_max_len "
-            f"{data_args.model_max_len}); raise --model_max_len or pass --skip_excess_length False to truncate"
+            f"{data_args.model_max_len}); raise --model_max_len or pass --excess_length truncate"
         )
     stats = {
         "fingerprint": key,
@@ -344,11 +370,13 @@ def log_stats(stats: dict) -> None:
             continue
         logger.info(
             "%s data: %d records read, %d kept, %d dropped as longer than --model_max_len %d, %d truncated, "
-            "%d tokens (%.1f%% trained), %d/%d end with a trained EOS, lengths %s",
+            "%d bad records skipped, %d tokens (%.1f%% trained), %d/%d end with a trained end token, lengths %s",
             split, s["samples_read"], s["samples_kept"], s["dropped_too_long"], stats["model_max_len"],
-            s["truncated"], s["tokens"], 100 * s["trained_token_fraction"], s["ending_with_trained_eos"],
-            s["samples_kept"], s["length_percentiles"],
+            s["truncated"], s["bad_records"], s["tokens"], 100 * s["trained_token_fraction"],
+            s["ending_with_trained_end_token"], s["samples_kept"], s["length_percentiles"],
         )
+        for example in s["bad_record_examples"]:
+            logger.warning("skipped bad record: %s", example)
         if s["boundary_merges"]:
             logger.warning(
                 "%s data: %d prompt/response boundaries fell inside a token; those tokens are trained as response",

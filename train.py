@@ -104,11 +104,21 @@ class DataArguments:
     model_max_len: int = field(
         default=2048, metadata={"help": "Maximum sample length in tokens (prompt + response + special tokens)."}
     )
-    skip_excess_length: bool = field(
-        default=True,
+    excess_length: str = field(
+        default="drop",
         metadata={
-            "help": "Drop samples longer than --model_max_len (counted and logged). False: truncate them to "
-            "--model_max_len instead (also counted; a truncated sample loses its EOS)."
+            "help": "Samples longer than --model_max_len: drop them (counted), truncate them (the answer's tail is "
+            "cut; a prompt too long on its own loses its beginning, never its assistant cue; a truncated answer "
+            "has no EOS), or raise an error naming the record. Legacy --skip_excess_length [true|false] maps to "
+            "drop|truncate.",
+            "choices": ["drop", "truncate", "raise"],
+        },
+    )
+    skip_bad_records: bool = field(
+        default=False,
+        metadata={
+            "help": "Skip records a format cannot render (missing field, bad role order, empty answer...) instead of "
+            "stopping; they are counted in stats.json and the first few are listed in the log."
         },
     )
     train_on_source: bool = field(
@@ -225,6 +235,7 @@ LEGACY_FLAGS = {
     "--group_by_length": ("--train_sampling_strategy", "group_by_length", "transformers 5 renamed it"),
     "--gradient_checkpointing": ("--activation_checkpointing", True, "transformers 5 renamed it"),
     "--no_cuda": ("--use_cpu", True, "transformers 5 renamed it"),
+    "--skip_excess_length": ("--excess_length", {True: "drop", False: "truncate"}, "one flag for drop/truncate/raise"),
 }
 BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -296,7 +307,10 @@ def map_legacy_flags(argv: list[str]) -> list[str]:
         enabled = True if value is None else BOOLEAN_WORDS.get(value.lower())
         if enabled is None:
             raise UsageError(f"{name} takes true or false, got {value!r}")
-        if enabled:
+        if isinstance(fixed, dict):
+            out += [new, fixed[enabled]]
+            logger.info("legacy flag %s %s -> %s %s (%s)", name, enabled, new, fixed[enabled], why)
+        elif enabled:
             out += [new, str(fixed)]
             logger.info("legacy flag %s -> %s %s (%s)", name, new, fixed, why)
         else:

@@ -25,7 +25,7 @@ def test_help_lists_every_flag_with_meaning_and_default(tmp_path):
     result = run(train_py("--help"), cwd=str(tmp_path))
     assert result.returncode == 0, result.output
     for flag in ("--lora_modules", "--merged_output_dir", "--working_dir", "--attn_implementation", "--bits",
-                 "--quant_type", "--max_new_tokens", "--dataset_format", "--eval_dataset_size", "--skip_excess_length",
+                 "--quant_type", "--max_new_tokens", "--dataset_format", "--eval_dataset_size", "--excess_length",
                  "--prepare_only", "--overwrite_output_dir"):
         assert flag in result.output
     assert "{4,8,16,32}" in result.output and "{nf4,fp4}" in result.output  # choices
@@ -97,15 +97,17 @@ def test_hub_dataset_offline_fails_with_a_clear_message(tmp_path, tiny_model):
 
 def test_legacy_flags_are_mapped_with_one_log_line(caplog, data_file):
     with caplog.at_level(logging.INFO, logger="train"):
-        _, _, args, _ = parse("--model_name_or_path", "m", "--dataset", data_file, "--output_dir", "o",
+        _, data_args, args, _ = parse("--model_name_or_path", "m", "--dataset", data_file, "--output_dir", "o",
                               "--evaluation_strategy", "steps", "--eval_dataset_size", "0.1", "--warmup_ratio", "0.03",
-                              "--use_flash_attention_2", "--gradient_checkpointing", "--group_by_length")
+                              "--use_flash_attention_2", "--gradient_checkpointing", "--group_by_length",
+                              "--skip_excess_length", "False")
     assert args.eval_strategy == "steps"
     assert args.warmup_steps == pytest.approx(0.03)
     assert args.activation_checkpointing is True
+    assert data_args.excess_length == "truncate"
     assert args.train_sampling_strategy == "group_by_length"
     legacy_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("legacy flag")]
-    assert len(legacy_lines) == 5, legacy_lines
+    assert len(legacy_lines) == 6, legacy_lines
 
 
 def test_flash_attention_falls_back_to_sdpa_without_cuda(caplog, data_file):

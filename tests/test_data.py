@@ -15,7 +15,7 @@ from dataset_formats import IGNORE_INDEX
 
 def data_args(path: str, **overrides) -> SimpleNamespace:
     values = dict(dataset=path, dataset_format="airoboros", eval_dataset_size=0.0, max_train_samples=None,
-                  max_eval_samples=None, model_max_len=512, skip_excess_length=True, train_on_source=False,
+                  max_eval_samples=None, model_max_len=512, excess_length="drop", skip_bad_records=False, train_on_source=False,
                   include_sources=False, dataset_prepared_path=None, dataset_text_field="text")
     values.update(overrides)
     return SimpleNamespace(**values)
@@ -72,17 +72,34 @@ def test_split_is_seeded_and_stratified_by_category(tmp_path):
     assert [r.where for r in other] != [r.where for r in evaluation]
 
 
-def test_too_long_samples_are_dropped_or_truncated_and_counted(tmp_path, tiny_tokenizer):
-    rows = instructions(5) + [{"instruction": "long " * 300, "response": "x"}]
+def test_too_long_samples_are_dropped_truncated_or_raised_and_counted(tmp_path, tiny_tokenizer):
+    rows = instructions(5) + [{"instruction": "long " * 300, "response": "x"}, {"instruction": "q", "response": "word " * 300}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     records = data.read_records(path)
     kept, stats = data.tokenize_records(records, "airoboros", tiny_tokenizer, data_args(path, model_max_len=64))
-    assert len(kept) == 5 and stats.dropped_too_long == 1 and stats.truncated == 0
-    assert stats.ending_with_trained_eos == 5
+    assert len(kept) == 5 and stats.dropped_too_long == 2 and stats.truncated == 0
+    assert stats.ending_with_trained_end_token == 5  # every kept sample ends with its trained EOS
     kept, stats = data.tokenize_records(records, "airoboros", tiny_tokenizer,
-                                        data_args(path, model_max_len=64, skip_excess_length=False))
-    # truncation inside the prompt leaves nothing to train: counted as skipped, never silently kept
-    assert stats.truncated == 1 and stats.skipped_bad == 1 and len(kept) == 5
+                                        data_args(path, model_max_len=64, excess_length="truncate"))
+    assert stats.truncated == 2 and len(kept) == 7 and all(len(k["input_ids"]) == 64 for k in kept[5:])
+    # the long prompt lost its start and kept its whole answer + EOS; the long answer lost its EOS, and stats say so
+    assert stats.ending_with_trained_end_token == 6
+    long_prompt = kept[5]
+    text = tiny_tokenizer.decode(long_prompt["input_ids"])
+    assert text.startswith("<s>") and "\nASSISTANT: x</s>" in text  # the prompt lost its start, never its cue
+    with pytest.raises(data.DataError, match=r"d.jsonl:6: \d+ tokens, more than --model_max_len 64"):
+        data.tokenize_records(records, "airoboros", tiny_tokenizer, data_args(path, model_max_len=64, excess_length="raise"))
+
+
+def test_bad_records_stop_the_run_or_are_skipped_and_counted(tmp_path, tiny_tokenizer):
+    rows = instructions(4) + [{"instruction": "x"}, {"instruction": "y", "response": ""}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    records = data.read_records(path)
+    with pytest.raises(data.DataError, match="d.jsonl:5: missing field 'response'.*--skip_bad_records"):
+        data.tokenize_records(records, "airoboros", tiny_tokenizer, data_args(path))
+    kept, stats = data.tokenize_records(records, "airoboros", tiny_tokenizer, data_args(path, skip_bad_records=True))
+    assert len(kept) == 4 and stats.bad_records == 2
+    assert stats.bad_record_examples[1].startswith("d.jsonl:6: field 'response' is empty")
 
 
 def test_collator_masks_from_lengths_even_when_pad_is_eos():
@@ -105,7 +122,7 @@ def test_prepare_only_writes_datasets_and_stats_then_a_run_reuses_them(tmp_path,
     assert first.returncode == 0, first.output[-3000:]
     stats = json.loads((prepared / "stats.json").read_text())
     assert stats["train"]["samples_read"] == 16 and stats["eval"]["samples_read"] == 4
-    assert stats["train"]["ending_with_trained_eos"] == stats["train"]["samples_kept"] == 16
+    assert stats["train"]["ending_with_trained_end_token"] == stats["train"]["samples_kept"] == 16
     assert 0 < stats["train"]["trained_token_fraction"] < 1
     import datasets
 

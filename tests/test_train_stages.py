@@ -82,3 +82,29 @@ def test_new_pad_token_resizes_trains_and_saves_embeddings(tiny_model, data_file
     with safe_open(str(out / "adapter_model.safetensors"), "pt") as handle:
         embed = [k for k in handle.keys() if "embed_tokens" in k]
         assert embed and handle.get_tensor(embed[0]).shape[0] == len(base) + 1
+
+
+def one_sgd_step(tiny_model, data_file, tmp_path, batch: int, accumulation: int):
+    trainer, _ = stages(tiny_model, data_file, tmp_path / f"b{batch}", "--full_finetune", "--bits", "32",
+                        "--optim", "sgd", "--learning_rate", "1.0", "--max_grad_norm", "0", "--max_steps", "1",
+                        "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", str(accumulation),
+                        "--train_sampling_strategy", "sequential", "--logging_steps", "1", "--use_cpu",
+                        "--save_strategy", "no", "--lr_scheduler_type", "constant")
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    loss = next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
+    gradients = {n: before[n] - p.detach() for n, p in trainer.model.named_parameters()}  # SGD, lr 1: the gradient
+    return loss, gradients
+
+
+def test_loss_is_averaged_over_trained_tokens_across_micro_batches(tiny_model, tmp_path):
+    """Batch 8 x accumulation 1 and batch 1 x accumulation 8 on samples of very different lengths give the same
+    loss and gradients: every trained token weighs the same, however the step is split."""
+    rows = [{"instruction": "word " * (1 + 7 * i), "response": "answer " * (1 + 5 * (7 - i))} for i in range(8)]
+    data_file = write_jsonl(tmp_path / "varied.jsonl", rows)
+    loss_a, grads_a = one_sgd_step(tiny_model, data_file, tmp_path, 8, 1)
+    loss_b, grads_b = one_sgd_step(tiny_model, data_file, tmp_path, 1, 8)
+    assert abs(loss_a - loss_b) < 1e-5, (loss_a, loss_b)
+    worst = max((grads_a[n] - grads_b[n]).abs().max().item() for n in grads_a)
+    assert worst < 1e-5, worst
+    assert max(g.abs().max().item() for g in grads_a.values()) > 1e-3  # the step really moved the weights
