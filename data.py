@@ -18,7 +18,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dataset_formats import IGNORE_INDEX, RecordError, encode_segments, end_token_id, get_format, pretokenized_sample, response
+from dataset_formats import (
+    FORMAT_INFO,
+    IGNORE_INDEX,
+    LAYOUT_SEGMENTS,
+    RecordError,
+    chat_template,
+    encode_segments,
+    end_token_id,
+    get_format,
+    pretokenized_sample,
+    response,
+    special_ids,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -269,6 +281,60 @@ def encode_record(record: dict, format_name: str, tokenizer, data_args) -> tuple
 def with_source(segments, source: str):
     """--include_sources: the record's `source` is appended to the (trained) answer, before EOS."""
     return segments[:-1] + [response(f"\n\nSource: {source.strip()}")] + segments[-1:]
+
+
+# --- chat template: inference renders exactly what training saw -------------------------------------------------------
+
+TEMPLATE_PROBES = [
+    [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3 + 3?\nThink."},
+        {"role": "assistant", "content": "6, since 3 + 3 = 6."},
+    ],
+]
+
+
+def answer_starts(labels: list[int]) -> list[int]:
+    return [i for i, label in enumerate(labels) if label != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX)]
+
+
+def template_matches_training(tokenizer, layout: str, template: str, conversations=TEMPLATE_PROBES) -> bool:
+    """The template gives the training ids for whole conversations, and for every prefix that ends where an answer
+    starts (add_generation_prompt=True) exactly the ids the answer follows in training."""
+    for messages in conversations:
+        encoded = encode_segments(LAYOUT_SEGMENTS[layout](messages), tokenizer)
+        render = lambda msgs, gen: tokenizer.apply_chat_template(  # noqa: E731
+            msgs, chat_template=template, add_generation_prompt=gen, tokenize=True)["input_ids"]
+        if render(messages, False) != encoded.input_ids:
+            return False
+        answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        for index, start in zip(answers, answer_starts(encoded.labels)):
+            if render(messages[:index], True) != encoded.input_ids[:start]:
+                return False
+    return True
+
+
+def attach_chat_template(tokenizer, format_name: str) -> str | None:
+    """Give the tokenizer (and so every saved checkpoint, adapter, model and merged model) a chat template that
+    renders the training format; returns the layout, or None when the format is not a chat layout."""
+    layout = FORMAT_INFO[format_name].chat_layout
+    if layout is None:
+        return None
+    with_bos = special_ids(tokenizer)["bos"] is not None
+    for space in (False, True):
+        template = chat_template(layout, space, with_bos)
+        if template_matches_training(tokenizer, layout, template):
+            tokenizer.chat_template = template
+            logger.info("chat template for the %s layout attached (verified against the training ids)", layout)
+            return layout
+    logger.warning(
+        "no chat template reproduces the %s training ids with this tokenizer; the saved tokenizer keeps its own "
+        "template, so render inference prompts with dataset_formats.%s_segments instead", layout, layout,
+    )
+    return None
 
 
 # --- the whole preparation, cached under --dataset_prepared_path ---------------------------------------------------------

@@ -127,9 +127,19 @@ def airoboros_instruction(instruction: str) -> str:
     return instruction
 
 
-@register("airoboros")
+def airoboros_segments(messages: list[dict]) -> list[Segment]:
+    """"{system}\nUSER: {instruction}\nASSISTANT: {response}" + EOS, per exchange (system default "A chat.")."""
+    system, dialog = split_system(messages, AIROBOROS_DEFAULT_SYSTEM)
+    segments: list[Segment] = []
+    for user, assistant in zip(dialog[::2], dialog[1::2]):
+        text = f"{system.strip()}\nUSER: {airoboros_instruction(user['content'])}\nASSISTANT:"
+        segments += [BOS, prompt(text), response(" " + assistant["content"].strip()), EOS]
+    return segments
+
+
+@register("airoboros", chat_layout="airoboros")
 def airoboros(record: dict) -> list[Segment]:
-    """{"instruction", "response", "system"?, "skip_prompt_formatting"?}: "{system}\\nUSER: {instruction}\\nASSISTANT:".
+    """{"instruction", "response", "system"?, "skip_prompt_formatting"?}: "{system}\nUSER: {instruction}\nASSISTANT:".
 
     The space after "ASSISTANT:" belongs to the response, so the prompt a model sees at inference tokenizes to
     exactly the ids it saw in training (a trailing space would be its own token there and merged here).
@@ -138,9 +148,9 @@ def airoboros(record: dict) -> list[Segment]:
     answer = required_text(record, "response").strip()
     if record.get("skip_prompt_formatting"):
         return [BOS, prompt(instruction.strip() + "\n"), response(answer), EOS]
-    system = (optional_text(record, "system") or AIROBOROS_DEFAULT_SYSTEM).strip()
-    text = f"{system}\nUSER: {airoboros_instruction(instruction)}\nASSISTANT:"
-    return [BOS, prompt(text), response(" " + answer), EOS]
+    messages = [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}]
+    system = optional_text(record, "system")
+    return airoboros_segments(([{"role": "system", "content": system}] if system.strip() else []) + messages)
 
 
 # --- conversations: one parser for every record layout, one renderer per chat layout ----------------------------------
@@ -331,24 +341,36 @@ def marked_dialog(text: str, user_marker: str, assistant_marker: str, field: str
     return messages
 
 
-@register("hh-rlhf")
+def marked_segments(messages: list[dict], user_marker: str, assistant_marker: str) -> list[Segment]:
+    """A system message, if any, is plain text before the first turn (these layouts have no system marker)."""
+    system, dialog = split_system(messages, "")
+    segments: list[Segment] = [BOS, prompt(system)] if system else [BOS]
+    for user, assistant in zip(dialog[::2], dialog[1::2]):
+        user_text, answer = user["content"].strip(), assistant["content"].strip()
+        segments += [prompt(f"{user_marker} {user_text}{assistant_marker}"), response(f" {answer}"), EOS]
+    return segments
+
+
+def hh_segments(messages: list[dict]) -> list[Segment]:
+    """Anthropic HH: "\n\nHuman: q\n\nAssistant: a" per turn, each answer followed by a trained EOS."""
+    return marked_segments(messages, "\n\nHuman:", "\n\nAssistant:")
+
+
+def guanaco_segments(messages: list[dict]) -> list[Segment]:
+    """Guanaco/OpenAssistant: "### Human: q### Assistant: a" per turn, each answer followed by a trained EOS."""
+    return marked_segments(messages, "### Human:", "### Assistant:")
+
+
+@register("hh-rlhf", chat_layout="hh")
 def hh_rlhf(record: dict) -> list[Segment]:
     """{"chosen": "\n\nHuman: q\n\nAssistant: a…"}: the chosen dialogue; every assistant turn + EOS trained."""
-    messages = marked_dialog(required_text(record, "chosen"), "\n\nHuman:", "\n\nAssistant:", "chosen")
-    segments: list[Segment] = [BOS]
-    for user, assistant in zip(messages[::2], messages[1::2]):
-        segments += [prompt(f"\n\nHuman: {user['content']}\n\nAssistant:"), response(f" {assistant['content']}"), EOS]
-    return segments
+    return hh_segments(marked_dialog(required_text(record, "chosen"), "\n\nHuman:", "\n\nAssistant:", "chosen"))
 
 
-@register("oasst1")
+@register("oasst1", chat_layout="guanaco")
 def oasst1(record: dict) -> list[Segment]:
     """{"text": "### Human: q### Assistant: a…"} (timdettmers/openassistant-guanaco): assistant turns + EOS trained."""
-    messages = marked_dialog(required_text(record, "text"), "### Human:", "### Assistant:", "text")
-    segments: list[Segment] = [BOS]
-    for user, assistant in zip(messages[::2], messages[1::2]):
-        segments += [prompt(f"### Human: {user['content']}### Assistant:"), response(f" {assistant['content']}"), EOS]
-    return segments
+    return guanaco_segments(marked_dialog(required_text(record, "text"), "### Human:", "### Assistant:", "text"))
 
 
 @register("pygmalion")
@@ -685,6 +707,79 @@ def creative_acr_load_revise(record: dict) -> list[Segment]:
 def metharme(record: dict) -> list[Segment]:
     """{"prompt", "generation"}: the prompt already carries <|system|>/<|user|>/<|model|>; generation trained."""
     return [BOS, prompt(required_text(record, "prompt")), response(required_text(record, "generation")), EOS]
+
+
+# --- chat templates: the same layouts for inference (tokenizer.apply_chat_template) ----------------------------------
+# "__S__" marks where a special token is followed by text. Training encodes every text run on its own, so
+# sentencepiece tokenizers give it a leading "▁"; a template string tokenized in one piece only gets it with a
+# space there. "__B__" is where BOS goes, for tokenizers that have one apart from EOS (GPT-2 style ones do not).
+# `attach_chat_template` (data.py) picks the variant per tokenizer and verifies it against the training ids.
+
+CHAT_TEMPLATES = {
+    "llama2": (
+        "{%- if messages[0]['role'] == 'system' -%}"
+        "{%- set system = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' -%}{%- set offset = 1 -%}"
+        "{%- else -%}{%- set system = '' -%}{%- set offset = 0 -%}{%- endif -%}"
+        "{%- for message in messages[offset:] -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{{ __B__'__S__[INST] ' + ((system + message['content']) if loop.first else message['content']).strip() + ' [/INST]' }}"
+        "{%- else -%}{{ ' ' + message['content'].strip() + ' ' + eos_token }}{%- endif -%}"
+        "{%- endfor -%}"
+    ),
+    "chatml": (
+        "{%- for message in messages -%}"
+        "{%- if not loop.first -%}{{ '__S__\\n' }}{%- endif -%}"
+        "{{ '<|im_start|>__S__' + message['role'] + '\\n' + message['content'] + '<|im_end|>' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '__S__\\n<|im_start|>__S__assistant\\n' }}{%- endif -%}"
+    ),
+    "vicuna": (
+        "{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}{%- set offset = 1 -%}"
+        "{%- else -%}{%- set system = '" + VICUNA_SYSTEM.replace("'", "\\'") + "' -%}{%- set offset = 0 -%}{%- endif -%}"
+        "{{ __B__'__S__' + system + ' ' }}"
+        "{%- for message in messages[offset:] -%}"
+        "{%- if message['role'] == 'user' -%}{{ ('' if loop.first else '__S__') + 'USER: ' + message['content'] + ' ASSISTANT:' }}"
+        "{%- else -%}{{ ' ' + message['content'] + eos_token }}{%- endif -%}"
+        "{%- endfor -%}"
+    ),
+    "airoboros": (
+        "{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}{%- set offset = 1 -%}"
+        "{%- else -%}{%- set system = '" + AIROBOROS_DEFAULT_SYSTEM + "' -%}{%- set offset = 0 -%}{%- endif -%}"
+        "{%- for message in messages[offset:] -%}"
+        "{%- if message['role'] == 'user' -%}{{ __B__'__S__' + system.strip() + '\\nUSER: ' + message['content'].strip() + '\\nASSISTANT:' }}"
+        "{%- else -%}{{ ' ' + message['content'].strip() + eos_token }}{%- endif -%}"
+        "{%- endfor -%}"
+    ),
+    "hh": (
+        "{{ __B__'' }}{%- for message in messages -%}"
+        "{%- if message['role'] == 'system' -%}{{ '__S__' + message['content'] }}"
+        "{%- elif message['role'] == 'user' -%}"
+        "{{ ('' if not loop.first and loop.previtem['role'] == 'system' else '__S__') + '\\n\\nHuman: ' + message['content'].strip() + '\\n\\nAssistant:' }}"
+        "{%- else -%}{{ ' ' + message['content'].strip() + eos_token }}{%- endif -%}"
+        "{%- endfor -%}"
+    ),
+    "guanaco": (
+        "{{ __B__'' }}{%- for message in messages -%}"
+        "{%- if message['role'] == 'system' -%}{{ '__S__' + message['content'] }}"
+        "{%- elif message['role'] == 'user' -%}"
+        "{{ ('' if not loop.first and loop.previtem['role'] == 'system' else '__S__') + '### Human: ' + message['content'].strip() + '### Assistant:' }}"
+        "{%- else -%}{{ ' ' + message['content'].strip() + eos_token }}{%- endif -%}"
+        "{%- endfor -%}"
+    ),
+}
+LAYOUT_SEGMENTS = {
+    "llama2": llama2_chat_segments,
+    "chatml": chatml_segments,
+    "vicuna": vicuna_segments,
+    "airoboros": airoboros_segments,
+    "hh": hh_segments,
+    "guanaco": guanaco_segments,
+}
+
+
+def chat_template(layout: str, space_after_special: bool, with_bos: bool) -> str:
+    template = CHAT_TEMPLATES[layout].replace("__B__", "bos_token + " if with_bos else "")
+    return template.replace("__S__", " " if space_after_special else "")
 
 
 def prompt_segments(segments: list[Segment]) -> list[Segment]:

@@ -472,6 +472,7 @@ def load_tokenizer(model_args: ModelArguments, data_args: DataArguments):
         logger.info("--dataset_format %s needs %s: added to the vocabulary", data_args.dataset_format, layout_tokens)
     if tokenizer.eos_token_id is None:
         raise UsageError("the tokenizer has no EOS token, so models could never learn to stop; pass --eos_token")
+    data.attach_chat_template(tokenizer, data_args.dataset_format)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
         logger.info("no pad token: padding with %r (masks and labels come from lengths)", tokenizer.pad_token)

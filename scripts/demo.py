@@ -66,22 +66,26 @@ def train_command(base: str, work_dir: str, max_steps: int) -> list[str]:
 
 
 def evaluate(model_dir: str, heldout_file: str, limit: int | None = None) -> dict:
-    """Greedy generation on held-out prompts: exact-match accuracy and the fraction that stopped at EOS."""
+    """Greedy generation on held-out prompts: exact-match accuracy and the fraction that stopped at EOS.
+
+    Prompts come from the merged model's own chat template (attached at training time and verified against the
+    training ids), the way any user of the saved model would build them.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dataset_formats import encode_segments, get_format, prompt_segments
-
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    render = get_format("airoboros")
     with open(heldout_file) as handle:
         records = [json.loads(line) for line in handle][:limit]
     exact = stopped = 0
     examples = []
     for start in range(0, len(records), 50):
         batch = records[start : start + 50]
-        prompts = [encode_segments(prompt_segments(render(r)), tokenizer).input_ids for r in batch]
+        prompts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": r["instruction"]}], add_generation_prompt=True)["input_ids"]
+            for r in batch
+        ]
         width = max(map(len, prompts))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left padding for generation

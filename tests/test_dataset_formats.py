@@ -386,3 +386,70 @@ def test_masks_are_token_exact_and_every_answer_ends_with_a_trained_end_token(an
     expected = [s.text if s.special is None else end_text for s in segments if s.trainable]
     decoded = "".join(tokenizer.decode([t]) for t, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX)
     assert "".join(decoded.split()) == "".join("".join(expected).split())
+
+
+# --- guarantee 5: the saved tokenizer's chat template renders exactly the training prompt ------------------------------
+
+PARITY_DIALOG = [
+    {"role": "system", "content": "You answer in one line."},
+    {"role": "user", "content": "Name a colour.\nJust one."},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": "Another, please?"},
+    {"role": "assistant", "content": "Green, like grass."},
+    {"role": "user", "content": "  Last one  "},
+    {"role": "assistant", "content": "Red"},
+]
+
+
+def record_for(name: str, messages: list[dict]) -> dict:
+    """The same dialog as each chat-style format's own record layout."""
+    system, dialog = (messages[0]["content"], messages[1:]) if messages[0]["role"] == "system" else (None, messages)
+    if name == "hh-rlhf":
+        return {"chosen": "".join(f"\n\nHuman: {u['content']}\n\nAssistant: {a['content']}" for u, a in zip(dialog[::2], dialog[1::2]))}
+    if name == "oasst1":
+        return {"text": "".join(f"### Human: {u['content']}### Assistant: {a['content']}" for u, a in zip(dialog[::2], dialog[1::2]))}
+    if name == "sharegpt_jokes":
+        return {"text": dialog[1]["content"], "explanation": dialog[3]["content"]}
+    if name == "airoboros":
+        return {"instruction": dialog[0]["content"], "response": dialog[1]["content"], "system": system}
+    roles = {"system": "system", "user": "human", "assistant": "gpt"}
+    return {"conversations": [{"from": roles[m["role"]], "value": m["content"]} for m in messages]}
+
+
+CHAT_FORMATS = sorted(n for n, info in __import__("dataset_formats").FORMAT_INFO.items() if info.chat_layout)
+
+
+@pytest.mark.parametrize("name", CHAT_FORMATS)
+def test_chat_template_reproduces_training_prompt_ids(any_tokenizer, name):
+    import copy
+
+    import data
+
+    tokenizer = with_format_tokens(copy.deepcopy(any_tokenizer), name)
+    assert data.attach_chat_template(tokenizer, name) is not None
+    messages = PARITY_DIALOG
+    if name in ("hh-rlhf", "oasst1"):  # these layouts have no system turn in their records
+        messages = PARITY_DIALOG[1:]
+    if name == "airoboros":  # single exchange records
+        messages = PARITY_DIALOG[:3]
+    if name == "sharegpt_jokes":  # a fixed dialog around the record's joke
+        messages = [{"role": "user", "content": "Tell me a joke."}, {"role": "assistant", "content": "Why? Because."},
+                    {"role": "user", "content": "Why is that joke funny?"}, {"role": "assistant", "content": "Puns."}]
+    encoded = encode_segments(get_format(name)(record_for(name, messages)), tokenizer)
+    full = tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]
+    assert full == encoded.input_ids
+    starts = data.answer_starts(encoded.labels)
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    assert len(starts) == len(answers)
+    for index, start in zip(answers, starts):
+        prompt_ids = tokenizer.apply_chat_template(messages[:index], add_generation_prompt=True, tokenize=True)["input_ids"]
+        assert prompt_ids == encoded.input_ids[:start], (index, tokenizer.decode(prompt_ids))
+
+
+def test_non_chat_formats_get_no_template(tiny_tokenizer):
+    import copy
+
+    import data
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    assert data.attach_chat_template(tokenizer, "alpaca") is None and tokenizer.chat_template is None

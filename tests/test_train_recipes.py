@@ -119,6 +119,12 @@ def test_qlora_recipe_accelerate_2_procs_with_merge(tmp_path, tiny_model):
     assert json.loads((out / "generation_config.json").read_text())["max_new_tokens"] == 4096
     merged_config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in merged_config and merged_config["dtype"] == "bfloat16"
+    import data
+    from transformers import AutoTokenizer
+
+    for directory in (peft_out, out, work / "checkpoint-10"):  # every saved tokenizer renders the training layout
+        saved = AutoTokenizer.from_pretrained(directory)
+        assert saved.chat_template and data.template_matches_training(saved, "llama2", saved.chat_template)
     ids = probe_ids(str(out))
     merged, reference = logits(str(out), ids), logits(base_plus_adapter(tiny_model, str(peft_out)), ids)
     difference = (merged - reference).abs().max().item()
