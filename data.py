@@ -15,6 +15,7 @@ import random
 import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 
@@ -218,10 +219,11 @@ def tokenize_records(records: list[Record], format_name: str, tokenizer, data_ar
     """Render and tokenize every record once; drop or truncate those longer than --model_max_len (counted)."""
     stats = TokenizeStats(samples_read=len(records))
     end_token = end_token_id(format_name, tokenizer)
+    options = format_options(data_args, tokenizer)
     samples = []
     for record in records:
         try:
-            ids, labels, merges = encode_record(record.data, format_name, tokenizer, data_args)
+            ids, labels, merges = encode_record(record.data, format_name, tokenizer, data_args, options)
         except RecordError as error:
             message = f"{record.where}: {error} (--dataset_format {format_name})"
             if not data_args.skip_bad_records:
@@ -266,12 +268,23 @@ def truncate_keeping_cue(ids: list[int], labels: list[int], max_len: int) -> tup
     return [ids[i] for i in keep], [labels[i] for i in keep]
 
 
-def encode_record(record: dict, format_name: str, tokenizer, data_args) -> tuple[list[int], list[int], int]:
+CUSTOM_FIELDS = ("format", "no_input_format", "system_format", "system_prompt", "field_instruction", "field_input",
+                 "field_output", "field_system")
+
+
+def format_options(data_args, tokenizer) -> SimpleNamespace:
+    """What configurable formats may read: completion's text field, the custom format's templates, the tokenizer
+    (chat_template renders with it)."""
+    custom = {f"custom_{name}": getattr(data_args, f"custom_{name}", None) for name in CUSTOM_FIELDS}
+    return SimpleNamespace(dataset_text_field=getattr(data_args, "dataset_text_field", "text"), tokenizer=tokenizer, **custom)
+
+
+def encode_record(record: dict, format_name: str, tokenizer, data_args, options) -> tuple[list[int], list[int], int]:
     """One record -> (input_ids, labels, boundary merges): the format's segments through the one encoder."""
     if format_name == "pretokenized":
         ids, labels = pretokenized_sample(record, len(tokenizer))
         return ids, list(ids) if data_args.train_on_source else labels, 0
-    segments = get_format(format_name, data_args)(record)
+    segments = get_format(format_name, options)(record)
     if data_args.include_sources and format_name == "airoboros" and record.get("source"):
         segments = with_source(segments, str(record["source"]))
     encoded = encode_segments(segments, tokenizer, train_on_source=data_args.train_on_source)
@@ -357,6 +370,8 @@ def fingerprint(data_args, tokenizer, seed: int) -> str:
         "train_on_source": data_args.train_on_source,
         "include_sources": data_args.include_sources,
         "dataset_text_field": data_args.dataset_text_field,
+        "custom": {name: getattr(data_args, f"custom_{name}", None) for name in CUSTOM_FIELDS},
+        "chat_template": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()[:12],
         "eval_dataset_size": data_args.eval_dataset_size,
         "max_train_samples": data_args.max_train_samples,
         "max_eval_samples": data_args.max_eval_samples,

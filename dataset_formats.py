@@ -28,6 +28,7 @@ class Segment:
     text: str
     trainable: bool
     special: str | None = None
+    template: bool = False  # text rendered by a chat template: special tokens written in it are parsed as tokens
 
 
 def prompt(text: str) -> Segment:
@@ -90,6 +91,8 @@ def get_format(name: str, options=None) -> FormatFn:
 def end_token_id(name: str, tokenizer) -> int:
     """The id that ends every trained answer of this format (EOS, or e.g. <|im_end|> for chatml)."""
     end = FORMAT_INFO[name].end_token
+    if name == "chat_template" and getattr(tokenizer, "chat_template", None):
+        end = template_end_token(tokenizer) or "eos"
     return tokenizer.eos_token_id if end == "eos" else token_id(tokenizer, end)
 
 
@@ -501,6 +504,79 @@ def pretokenized_sample(record: dict, vocab_size: int) -> tuple[list[int], list[
     return list(ids), list(labels)
 
 
+@register("chat_template")
+def chat_template_format(record: dict, options=None) -> list[Segment]:
+    """Any conversation record rendered with the tokenizer's own Jinja chat template (kept on the saved tokenizer).
+
+    Masks come from the template itself: for every assistant turn, the text rendered for the messages before it
+    with add_generation_prompt=True must be a prefix of the text with it (the prefix property, checked); the
+    difference is the answer, trained up to and including the first special token after its content (the
+    end-of-turn token). A template that ends an answer with no special token gets a trained EOS there.
+    """
+    tokenizer = getattr(options, "tokenizer", None)
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise RecordError("--dataset_format chat_template needs a tokenizer with a chat template")
+    messages = conversation_messages(record)
+    segments: list[Segment] = []
+    done = ""
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, after = render_template(tokenizer, messages[:index], True), render_template(tokenizer, messages[: index + 1], False)
+        if not before.startswith(done) or not after.startswith(before):
+            raise RecordError(f"the tokenizer's chat template breaks the prefix property at turn {index}; "
+                              "pick a layout format (chatml, llama2_chat, vicuna) instead")
+        answer = after[len(before):]
+        cut = answer_end(tokenizer, answer, message["content"])
+        segments.append(Segment(before[len(done):], False, template=True))
+        segments += [Segment(answer[:cut], True, template=True)] if cut else [Segment(answer, True, template=True), EOS]
+        done = before + answer[:cut] if cut else after
+    return segments  # the sample ends with the last answer's end token; what the template adds after it is not trained
+
+
+def render_template(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def answer_end(tokenizer, answer: str, content: str) -> int | None:
+    """Where a rendered answer ends: just after the first special token that follows its content (None: none)."""
+    content_end = answer.find(content.strip()) + len(content.strip())
+    ends = [(answer.find(t, content_end), -len(t), t) for t in tokenizer.all_special_tokens if answer.find(t, content_end) >= 0]
+    if not ends:
+        return None
+    position, _, token = min(ends)
+    return position + len(token)
+
+
+def template_end_token(tokenizer) -> str | None:
+    """The end-of-turn token of the tokenizer's chat template (e.g. <|im_end|>), found by rendering a probe."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
+    before, after = render_template(tokenizer, probe[:1], True), render_template(tokenizer, probe, False)
+    answer = after[len(before):]
+    cut = answer_end(tokenizer, answer, probe[1]["content"])
+    if cut is None:
+        return None
+    return next(t for t in tokenizer.all_special_tokens if answer[:cut].endswith(t))
+
+
+@register("custom")
+def custom(record: dict, options=None) -> list[Segment]:
+    """A user-defined instruction format (like axolotl's), from --custom_format and friends or a recipe file:
+    "{system_format}{format}" with {instruction}/{input} filled from the --custom_field_* fields; output trained."""
+    get = lambda name, default: getattr(options, f"custom_{name}", None) or default  # noqa: E731
+    instruction = required_text(record, get("field_instruction", "instruction"))
+    context = optional_text(record, get("field_input", "input"))
+    answer = required_text(record, get("field_output", "output"))
+    system = optional_text(record, get("field_system", "system")) or get("system_prompt", "")
+    template = get("format", "{instruction} {input} ") if context.strip() else get("no_input_format", "{instruction} ")
+    try:
+        text = (get("system_format", "{system}").format(system=system) if system else "") + template.format(
+            instruction=instruction, input=context)
+    except (KeyError, IndexError) as error:
+        raise RecordError(f"--custom_format templates may only use {{instruction}}, {{input}} and {{system}} ({error})") from error
+    return [BOS, prompt(text), response(answer), EOS]
+
+
 # --- the axolotl family (alpaca-derived prompt strategies) ------------------------------------------------------------
 
 
@@ -827,9 +903,10 @@ def _encode_text_run(run: list[Segment], tokenizer) -> tuple[list[int], list[int
     labels: list[int] = []
     merges = 0
     text = ""
+    split_special = not any(segment.template for segment in run)  # data text never becomes special tokens
     for segment in run:
         text += segment.text
-        current = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        current = tokenizer(text, add_special_tokens=False, split_special_tokens=split_special)["input_ids"]
         keep = _common_prefix_length(ids, current)
         if keep < len(ids):
             merges += 1
@@ -842,8 +919,10 @@ def _encode_text_run(run: list[Segment], tokenizer) -> tuple[list[int], list[int
 def _merge_same_flag(segments: list[Segment]) -> list[Segment]:
     merged: list[Segment] = []
     for segment in segments:
-        if merged and segment.special is None and merged[-1].special is None and merged[-1].trainable == segment.trainable:
-            merged[-1] = Segment(merged[-1].text + segment.text, segment.trainable)
+        previous = merged[-1] if merged else None
+        if (previous and segment.special is None and previous.special is None and previous.trainable == segment.trainable
+                and previous.template == segment.template):
+            merged[-1] = Segment(previous.text + segment.text, segment.trainable, template=segment.template)
         else:
             merged.append(segment)
     return merged

@@ -95,6 +95,24 @@ class DataArguments:
     dataset_text_field: str = field(
         default="text", metadata={"help": "completion format: the field holding the raw text."}
     )
+    custom_format: Optional[str] = field(
+        default=None,
+        metadata={"help": "custom format: prompt template for records with an input, using {instruction} and {input} "
+                  "(None: '{instruction} {input} '). The output field is trained after it, then EOS."},
+    )
+    custom_no_input_format: Optional[str] = field(
+        default=None, metadata={"help": "custom format: prompt template without input (None: '{instruction} ')."}
+    )
+    custom_system_format: Optional[str] = field(
+        default=None, metadata={"help": "custom format: how a system prompt is written before the prompt (None: '{system}')."}
+    )
+    custom_system_prompt: Optional[str] = field(
+        default=None, metadata={"help": "custom format: system prompt for records without a system field (None: none)."}
+    )
+    custom_field_instruction: Optional[str] = field(default=None, metadata={"help": "custom format: instruction field (None: instruction)."})
+    custom_field_input: Optional[str] = field(default=None, metadata={"help": "custom format: input field (None: input)."})
+    custom_field_output: Optional[str] = field(default=None, metadata={"help": "custom format: output field (None: output)."})
+    custom_field_system: Optional[str] = field(default=None, metadata={"help": "custom format: system field (None: system)."})
     max_train_samples: Optional[int] = field(
         default=None, metadata={"help": "Keep at most this many training samples (None: all)."}
     )
@@ -472,6 +490,9 @@ def load_tokenizer(model_args: ModelArguments, data_args: DataArguments):
         logger.info("--dataset_format %s needs %s: added to the vocabulary", data_args.dataset_format, layout_tokens)
     if tokenizer.eos_token_id is None:
         raise UsageError("the tokenizer has no EOS token, so models could never learn to stop; pass --eos_token")
+    if data_args.dataset_format == "chat_template" and not tokenizer.chat_template:
+        raise UsageError("--dataset_format chat_template renders with the tokenizer's own chat template, and this "
+                         "tokenizer has none; pick a layout format (chatml, llama2_chat, vicuna, sharegpt)")
     data.attach_chat_template(tokenizer, data_args.dataset_format)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token

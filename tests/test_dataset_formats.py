@@ -208,7 +208,8 @@ def test_creative_acr_critique_and_revise_golden():
 
 def test_every_registered_format_has_a_golden_test():
     covered = {name for name, *_ in GOLDEN_MORE} | {"airoboros", "airoboros_chat", "alpaca", "input-output",
-                                                    "creative_acr.load_critique", "creative_acr.load_revise"}
+                                                    "creative_acr.load_critique", "creative_acr.load_revise",
+                                                    "chat_template", "custom"}  # the last two: dedicated tests below
     assert set(FORMATS) - {"pretokenized"} <= covered, sorted(set(FORMATS) - covered)
 
 
@@ -453,3 +454,64 @@ def test_non_chat_formats_get_no_template(tiny_tokenizer):
 
     tokenizer = copy.deepcopy(tiny_tokenizer)
     assert data.attach_chat_template(tokenizer, "alpaca") is None and tokenizer.chat_template is None
+
+
+QWEN_STYLE_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_chat_template_format_masks_from_the_tokenizers_own_template(tiny_tokenizer):
+    import copy
+    from types import SimpleNamespace
+
+    import data
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}, replace_extra_special_tokens=False)
+    tokenizer.chat_template = QWEN_STYLE_TEMPLATE
+    segments = get_format("chat_template", SimpleNamespace(tokenizer=tokenizer))(CHAT)
+    encoded = encode_segments(segments, tokenizer)
+    # the whole conversation is exactly what the template tokenizes to, up to the last answer's end token
+    full = tokenizer.apply_chat_template([
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ciao"}], tokenize=True)["input_ids"]
+    assert encoded.input_ids == full[: len(encoded.input_ids)] and tokenizer.decode(full[len(encoded.input_ids):]) == "\n"
+    from dataset_formats import end_token_id
+
+    assert encoded.labels[-1] == end_token_id("chat_template", tokenizer) == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # answers + their end-of-turn token trained; the newline after it is prompt; "<|im_end|>" stays one token
+    assert trained_text(tokenizer, encoded) == ["Hello<|im_end|>", "Ciao<|im_end|>"]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert encoded.input_ids.count(im_end) == 5
+    # generation prompts from the template stop exactly where each answer starts
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert encoded.input_ids[: data.answer_starts(encoded.labels)[0]] == prompt_ids
+
+
+def test_chat_template_format_rejects_a_template_without_the_prefix_property(tiny_tokenizer):
+    import copy
+    from types import SimpleNamespace
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    # renders only the LAST message: earlier turns vanish when a turn is added
+    tokenizer.chat_template = "{{ messages[-1]['content'] }}{% if add_generation_prompt %}>{% endif %}"
+    with pytest.raises(RecordError, match="prefix property"):
+        get_format("chat_template", SimpleNamespace(tokenizer=tokenizer))(CHAT)
+
+
+def test_custom_format_from_flags():
+    from types import SimpleNamespace
+
+    options = SimpleNamespace(custom_format="<|q|>{instruction}\n<|ctx|>{input}\n<|a|>", custom_no_input_format="<|q|>{instruction}\n<|a|>",
+                              custom_system_format="<|sys|>{system}\n", custom_system_prompt="Be kind.",
+                              custom_field_instruction="q", custom_field_input="ctx", custom_field_output="a", custom_field_system=None)
+    render = get_format("custom", options)
+    assert render_segments(render({"q": "Add", "ctx": "2 2", "a": "4"})) == "<s><|sys|>Be kind.\n<|q|>Add\n<|ctx|>2 2\n<|a|>[[4]]</s>"
+    assert render_segments(render({"q": "Hi", "a": "Yo", "system": "Own."})) == "<s><|sys|>Own.\n<|q|>Hi\n<|a|>[[Yo]]</s>"
+    with pytest.raises(RecordError, match="missing field 'a'"):
+        render({"q": "Hi"})
+    defaults = get_format("custom", SimpleNamespace())
+    assert render_segments(defaults({"instruction": "Hi", "output": "Yo"})) == "<s>Hi [[Yo]]</s>"
