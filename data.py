@@ -47,6 +47,7 @@ class DataError(ValueError):
 class Record:
     data: dict
     where: str  # "file.jsonl:17" or "file.json[16]": used in every error about this record
+    format: str = ""  # the --dataset_format of the dataset it came from
 
 
 # --- reading -----------------------------------------------------------------------------------------------------------
@@ -215,13 +216,15 @@ class TokenizeStats:
         return out
 
 
-def tokenize_records(records: list[Record], format_name: str, tokenizer, data_args) -> tuple[list[dict], TokenizeStats]:
-    """Render and tokenize every record once; drop or truncate those longer than --model_max_len (counted)."""
+def tokenize_records(records: list[Record], tokenizer, data_args) -> tuple[list[dict], TokenizeStats]:
+    """Render every record with its dataset's format and tokenize it once; drop, truncate or refuse those longer
+    than --model_max_len (counted)."""
     stats = TokenizeStats(samples_read=len(records))
-    end_token = end_token_id(format_name, tokenizer)
     options = format_options(data_args, tokenizer)
+    end_tokens = {name: end_token_id(name, tokenizer) for name in {record.format for record in records}}
     samples = []
     for record in records:
+        format_name = record.format
         try:
             ids, labels, merges = encode_record(record.data, format_name, tokenizer, data_args, options)
         except RecordError as error:
@@ -249,7 +252,7 @@ def tokenize_records(records: list[Record], format_name: str, tokenizer, data_ar
         stats.samples_kept += 1
         stats.tokens += len(ids)
         stats.trained_tokens += sum(label != IGNORE_INDEX for label in labels)
-        stats.ending_with_trained_end_token += labels[-1] == end_token
+        stats.ending_with_trained_end_token += labels[-1] == end_tokens[format_name]
         stats.boundary_merges += merges
         stats.lengths.append(len(ids))
         samples.append({"input_ids": ids, "labels": labels})
@@ -330,12 +333,17 @@ def template_matches_training(tokenizer, layout: str, template: str, conversatio
     return True
 
 
-def attach_chat_template(tokenizer, format_name: str) -> str | None:
+def attach_chat_template(tokenizer, formats: list[str] | str) -> str | None:
     """Give the tokenizer (and so every saved checkpoint, adapter, model and merged model) a chat template that
-    renders the training format; returns the layout, or None when the format is not a chat layout."""
-    layout = FORMAT_INFO[format_name].chat_layout
-    if layout is None:
+    renders the training format; returns the layout, or None when no format is a chat layout. With several
+    formats, the first chat layout wins (a model trained on two layouts answers in either)."""
+    layouts = [FORMAT_INFO[name].chat_layout for name in ([formats] if isinstance(formats, str) else formats)]
+    layouts = [layout for layout in layouts if layout]
+    if not layouts:
         return None
+    layout = layouts[0]
+    if len(set(layouts)) > 1:
+        logger.warning("datasets use several chat layouts %s; the saved chat template renders %s", sorted(set(layouts)), layout)
     with_bos = special_ids(tokenizer)["bos"] is not None
     for space in (False, True):
         template = chat_template(layout, space, with_bos)
@@ -355,12 +363,13 @@ def attach_chat_template(tokenizer, format_name: str) -> str | None:
 
 def fingerprint(data_args, tokenizer, seed: int) -> str:
     digest = hashlib.sha256()
-    if os.path.isfile(data_args.dataset):
-        with open(data_args.dataset, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    else:
-        digest.update(data_args.dataset.encode())
+    for dataset in data_args.dataset:
+        if os.path.isfile(dataset):
+            with open(dataset, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        else:
+            digest.update(dataset.encode())
     settings = {
         "version": PREPARED_VERSION,
         "format": data_args.dataset_format,
@@ -399,17 +408,22 @@ def prepare_datasets(data_args, tokenizer, seed: int, write: bool):
             return train, evaluation, stats
         logger.info("prepared data in %s was made with other data or settings; preparing again", cache)
 
-    records = read_records(data_args.dataset)
+    records = []
+    formats = data_args.dataset_format * len(data_args.dataset) if len(data_args.dataset_format) == 1 else data_args.dataset_format
+    for dataset, format_name in zip(data_args.dataset, formats):
+        records += [Record(r.data, r.where, format_name) for r in read_records(dataset)]
     train_records, eval_records = split_records(records, data_args.eval_dataset_size, seed)
-    train_samples, train_stats = tokenize_records(train_records, data_args.dataset_format, tokenizer, data_args)
-    eval_samples, eval_stats = tokenize_records(eval_records, data_args.dataset_format, tokenizer, data_args)
+    train_samples, train_stats = tokenize_records(train_records, tokenizer, data_args)
+    eval_samples, eval_stats = tokenize_records(eval_records, tokenizer, data_args)
+    if len(data_args.dataset) > 1:
+        random.Random(seed).shuffle(train_samples)  # several datasets are trained mixed, not one after the other
     if data_args.max_train_samples is not None:
         train_samples = train_samples[: data_args.max_train_samples]
     if data_args.max_eval_samples is not None:
         eval_samples = eval_samples[: data_args.max_eval_samples]
     if not train_samples:
         raise DataError(
-            f"{data_args.dataset}: no training sample is left after tokenization "
+            f"{' '.join(data_args.dataset)}: no training sample is left after tokenization "
             f"({train_stats.dropped_too_long} of {train_stats.samples_read} exceed --model_max_len "
             f"{data_args.model_max_len}); raise --model_max_len or pass --excess_length truncate"
         )

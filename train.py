@@ -77,13 +77,20 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    dataset: Optional[str] = field(
+    dataset: Optional[list[str]] = field(
         default=None,
-        metadata={"help": "Training data: a local .json/.jsonl/.parquet/.csv/.tsv file, or a hub dataset name."},
+        metadata={
+            "help": "Training data: local .json/.jsonl/.parquet/.csv/.tsv files or hub dataset names. Several may be "
+            "given (--dataset a.json b.json, or the flag repeated); their records are split and shuffled together."
+        },
     )
-    dataset_format: str = field(
-        default="airoboros",
-        metadata={"help": "How records are rendered and masked (see dataset_formats.py).", "choices": sorted(FORMATS)},
+    dataset_format: list[str] = field(
+        default_factory=lambda: ["airoboros"],
+        metadata={
+            "help": "How records are rendered and masked (see dataset_formats.py): one format for all datasets, or "
+            "one per --dataset, in the same order.",
+            "choices": sorted(FORMATS),
+        },
     )
     eval_dataset_size: float = field(
         default=0.0,
@@ -255,6 +262,7 @@ LEGACY_FLAGS = {
     "--no_cuda": ("--use_cpu", True, "transformers 5 renamed it"),
     "--skip_excess_length": ("--excess_length", {True: "drop", False: "truncate"}, "one flag for drop/truncate/raise"),
 }
+LIST_FLAGS = ("--dataset", "--dataset_format")
 BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -295,6 +303,31 @@ def expand_recipe(argv: list[str]) -> list[str]:
         else:
             flags += [flag, str(value)]
     return flags + argv[1:]
+
+
+def merge_repeated_list_flags(argv: list[str]) -> list[str]:
+    """`--dataset a.json --dataset b.json` means both (argparse would keep only the last)."""
+    merged: dict[str, list[str]] = {}
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in LIST_FLAGS:
+            flag, values = argv[i], []
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+            if flag not in merged:
+                merged[flag] = []
+                out.append(flag)  # placeholder, filled below
+            merged[flag] += values
+            continue
+        out.append(argv[i])
+        i += 1
+    result: list[str] = []
+    for token in out:
+        result += [token] + merged[token] if token in merged else [token]
+    return result
 
 
 def map_legacy_flags(argv: list[str]) -> list[str]:
@@ -349,7 +382,7 @@ def reject_unknown(parser: HfArgumentParser, remaining: list[str]) -> None:
 
 def parse_arguments(argv: list[str]):
     parser = build_parser()
-    argv = map_legacy_flags(expand_recipe(argv))
+    argv = merge_repeated_list_flags(map_legacy_flags(expand_recipe(argv)))
     try:
         *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as error:  # TrainingArguments.__post_init__ checks
@@ -367,8 +400,14 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
         raise UsageError("--model_name_or_path is required (a local model directory or a hub id)")
     if not data_args.dataset:
         raise UsageError("--dataset is required (a .json/.jsonl/.parquet/.csv/.tsv file or a hub dataset name)")
-    if data.looks_local(data_args.dataset) and not os.path.isfile(data_args.dataset):
-        raise UsageError(f"--dataset {data_args.dataset}: file not found (cwd: {os.getcwd()})")
+    for dataset in data_args.dataset:
+        if data.looks_local(dataset) and not os.path.isfile(dataset):
+            raise UsageError(f"--dataset {dataset}: file not found (cwd: {os.getcwd()})")
+    if len(data_args.dataset_format) not in (1, len(data_args.dataset)):
+        raise UsageError(
+            f"{len(data_args.dataset)} datasets but {len(data_args.dataset_format)} formats; give one --dataset_format "
+            "for all, or one per --dataset in the same order"
+        )
     if args.full_finetune and args.bits not in (16, 32):
         raise UsageError(
             f"--full_finetune needs --bits 16 or 32 (got {args.bits}); drop --bits or drop --full_finetune"
@@ -484,16 +523,18 @@ def load_tokenizer(model_args: ModelArguments, data_args: DataArguments):
     if overrides:
         added = tokenizer.add_special_tokens(overrides)
         logger.info("special tokens set: %s (%d new to the vocabulary)", overrides, added)
-    layout_tokens = [t for t in FORMAT_INFO[data_args.dataset_format].special_tokens if t not in tokenizer.get_vocab()]
+    formats = data_args.dataset_format
+    needed = {t for name in formats for t in FORMAT_INFO[name].special_tokens}
+    layout_tokens = sorted(t for t in needed if t not in tokenizer.get_vocab())
     if layout_tokens:
         tokenizer.add_special_tokens({"additional_special_tokens": layout_tokens}, replace_extra_special_tokens=False)
-        logger.info("--dataset_format %s needs %s: added to the vocabulary", data_args.dataset_format, layout_tokens)
+        logger.info("--dataset_format %s needs %s: added to the vocabulary", " ".join(formats), layout_tokens)
     if tokenizer.eos_token_id is None:
         raise UsageError("the tokenizer has no EOS token, so models could never learn to stop; pass --eos_token")
-    if data_args.dataset_format == "chat_template" and not tokenizer.chat_template:
+    if "chat_template" in formats and not tokenizer.chat_template:
         raise UsageError("--dataset_format chat_template renders with the tokenizer's own chat template, and this "
                          "tokenizer has none; pick a layout format (chatml, llama2_chat, vicuna, sharegpt)")
-    data.attach_chat_template(tokenizer, data_args.dataset_format)
+    data.attach_chat_template(tokenizer, formats)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
         logger.info("no pad token: padding with %r (masks and labels come from lengths)", tokenizer.pad_token)
@@ -646,9 +687,9 @@ def train(trainer, args: TrainingArguments) -> None:
     trainer.save_metrics("train", result.metrics)
 
 
-def generation_config(gen_args: GenerationArguments, tokenizer, dataset_format: str) -> transformers.GenerationConfig:
-    """Saved next to the model: generation stops at the format's end-of-answer token as well as at EOS."""
-    stop = sorted({tokenizer.eos_token_id, end_token_id(dataset_format, tokenizer)})
+def generation_config(gen_args: GenerationArguments, tokenizer, formats: list[str]) -> transformers.GenerationConfig:
+    """Saved next to the model: generation stops at the formats' end-of-answer tokens as well as at EOS."""
+    stop = sorted({tokenizer.eos_token_id} | {end_token_id(name, tokenizer) for name in formats})
     return transformers.GenerationConfig(
         **vars(gen_args),
         bos_token_id=tokenizer.bos_token_id,

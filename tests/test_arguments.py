@@ -143,7 +143,7 @@ def test_recipe_file_stands_in_for_flags_and_cli_wins(tmp_path, data_file):
     model_args, data_args, args, _ = parse(str(recipe), "--learning_rate", "1e-4")
     assert args.learning_rate == pytest.approx(1e-4)
     assert args.bits == 8 and args.lora_modules == "q_proj,v_proj" and args.activation_checkpointing
-    assert data_args.dataset == data_file and model_args.model_name_or_path == "m"
+    assert data_args.dataset == [data_file] and model_args.model_name_or_path == "m"
     as_json = tmp_path / "recipe.json"
     as_json.write_text(json.dumps({"model_name_or_path": "m", "dataset": data_file, "output_dir": "o", "lora_modulez": "x"}))
     with pytest.raises(train.UsageError, match="did you mean --lora_modules"):

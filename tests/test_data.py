@@ -13,8 +13,12 @@ import data
 from dataset_formats import IGNORE_INDEX
 
 
+def airoboros_records(path: str) -> list:
+    return [data.Record(r.data, r.where, "airoboros") for r in data.read_records(path)]
+
+
 def data_args(path: str, **overrides) -> SimpleNamespace:
-    values = dict(dataset=path, dataset_format="airoboros", eval_dataset_size=0.0, max_train_samples=None,
+    values = dict(dataset=[path], dataset_format=["airoboros"], eval_dataset_size=0.0, max_train_samples=None,
                   max_eval_samples=None, model_max_len=512, excess_length="drop", skip_bad_records=False, train_on_source=False,
                   include_sources=False, dataset_prepared_path=None, dataset_text_field="text")
     values.update(overrides)
@@ -44,7 +48,7 @@ def test_bad_record_error_names_line_field_and_format(tmp_path, tiny_tokenizer):
     rows[1] = {"instruction": "x"}
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(data.DataError, match=r"d.jsonl:2: missing field 'response' .* \(--dataset_format airoboros\)"):
-        data.tokenize_records(data.read_records(path), "airoboros", tiny_tokenizer, data_args(path))
+        data.tokenize_records(airoboros_records(path), tiny_tokenizer, data_args(path))
 
 
 def test_csv_tsv_parquet_read_alike(tmp_path):
@@ -75,11 +79,11 @@ def test_split_is_seeded_and_stratified_by_category(tmp_path):
 def test_too_long_samples_are_dropped_truncated_or_raised_and_counted(tmp_path, tiny_tokenizer):
     rows = instructions(5) + [{"instruction": "long " * 300, "response": "x"}, {"instruction": "q", "response": "word " * 300}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    records = data.read_records(path)
-    kept, stats = data.tokenize_records(records, "airoboros", tiny_tokenizer, data_args(path, model_max_len=64))
+    records = airoboros_records(path)
+    kept, stats = data.tokenize_records(records, tiny_tokenizer, data_args(path, model_max_len=64))
     assert len(kept) == 5 and stats.dropped_too_long == 2 and stats.truncated == 0
     assert stats.ending_with_trained_end_token == 5  # every kept sample ends with its trained EOS
-    kept, stats = data.tokenize_records(records, "airoboros", tiny_tokenizer,
+    kept, stats = data.tokenize_records(records, tiny_tokenizer,
                                         data_args(path, model_max_len=64, excess_length="truncate"))
     assert stats.truncated == 2 and len(kept) == 7 and all(len(k["input_ids"]) == 64 for k in kept[5:])
     # the long prompt lost its start and kept its whole answer + EOS; the long answer lost its EOS, and stats say so
@@ -88,16 +92,16 @@ def test_too_long_samples_are_dropped_truncated_or_raised_and_counted(tmp_path, 
     text = tiny_tokenizer.decode(long_prompt["input_ids"])
     assert text.startswith("<s>") and "\nASSISTANT: x</s>" in text  # the prompt lost its start, never its cue
     with pytest.raises(data.DataError, match=r"d.jsonl:6: \d+ tokens, more than --model_max_len 64"):
-        data.tokenize_records(records, "airoboros", tiny_tokenizer, data_args(path, model_max_len=64, excess_length="raise"))
+        data.tokenize_records(records, tiny_tokenizer, data_args(path, model_max_len=64, excess_length="raise"))
 
 
 def test_bad_records_stop_the_run_or_are_skipped_and_counted(tmp_path, tiny_tokenizer):
     rows = instructions(4) + [{"instruction": "x"}, {"instruction": "y", "response": ""}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    records = data.read_records(path)
+    records = airoboros_records(path)
     with pytest.raises(data.DataError, match="d.jsonl:5: missing field 'response'.*--skip_bad_records"):
-        data.tokenize_records(records, "airoboros", tiny_tokenizer, data_args(path))
-    kept, stats = data.tokenize_records(records, "airoboros", tiny_tokenizer, data_args(path, skip_bad_records=True))
+        data.tokenize_records(records, tiny_tokenizer, data_args(path))
+    kept, stats = data.tokenize_records(records, tiny_tokenizer, data_args(path, skip_bad_records=True))
     assert len(kept) == 4 and stats.bad_records == 2
     assert stats.bad_record_examples[1].startswith("d.jsonl:6: field 'response' is empty")
 
@@ -135,3 +139,30 @@ def test_prepare_only_writes_datasets_and_stats_then_a_run_reuses_them(tmp_path,
     assert "reusing prepared data" in second.output
     changed = run(train_py(*[f if f != "256" else "128" for f in flags], "--prepare_only"), cwd=str(tmp_path))
     assert "reusing prepared data" not in changed.output and "preparing again" in changed.output
+
+
+def test_several_datasets_each_with_its_format_are_mixed(tmp_path, tiny_model):
+    alpaca = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"Add {i}.", "output": f"{i}"} for i in range(10)])
+    chats = write_jsonl(tmp_path / "c.jsonl", conversations(10))
+    prepared = tmp_path / "prepared"
+    result = run(train_py("--model_name_or_path", tiny_model, "--dataset", alpaca, "--dataset_format", "alpaca",
+                          "--dataset", chats, "--dataset_format", "chatml", "--output_dir", str(tmp_path / "o"),
+                          "--dataset_prepared_path", str(prepared), "--prepare_only"), cwd=str(tmp_path))
+    assert result.returncode == 0, result.output[-3000:]
+    stats = json.loads((prepared / "stats.json").read_text())
+    assert stats["train"]["samples_kept"] == 20 and stats["train"]["ending_with_trained_end_token"] == 20
+    import datasets
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    rows = datasets.load_from_disk(str(prepared / "train"))
+    kinds = ["alpaca" if r["input_ids"][0] == tokenizer.bos_token_id else "chatml" for r in rows]  # chatml has no BOS
+    assert sorted(kinds) == ["alpaca"] * 10 + ["chatml"] * 10
+    assert kinds[:10] != ["alpaca"] * 10 and kinds[:10] != ["chatml"] * 10  # shuffled together, not in blocks
+
+
+def test_format_count_must_match_dataset_count(tmp_path, tiny_model):
+    a = write_jsonl(tmp_path / "a.jsonl", instructions(3))
+    result = run(train_py("--model_name_or_path", tiny_model, "--dataset", a, a, a, "--dataset_format", "alpaca", "airoboros",
+                          "--output_dir", str(tmp_path / "o")), cwd=str(tmp_path))
+    assert result.returncode == 2 and "3 datasets but 2 formats" in result.output
