@@ -166,3 +166,19 @@ def test_format_count_must_match_dataset_count(tmp_path, tiny_model):
     result = run(train_py("--model_name_or_path", tiny_model, "--dataset", a, a, a, "--dataset_format", "alpaca", "airoboros",
                           "--output_dir", str(tmp_path / "o")), cwd=str(tmp_path))
     assert result.returncode == 2 and "3 datasets but 2 formats" in result.output
+
+
+def test_pretokenized_and_completion_records(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"input_ids": [1, 50, 51, 2]}, {"input_ids": [1, 60, 2], "labels": [-100, 60, 2]}])
+    records = [data.Record(r.data, r.where, "pretokenized") for r in data.read_records(path)]
+    kept, stats = data.tokenize_records(records, tiny_tokenizer, data_args(path, dataset_format=["pretokenized"]))
+    assert kept == [{"input_ids": [1, 50, 51, 2], "labels": [1, 50, 51, 2]}, {"input_ids": [1, 60, 2], "labels": [-100, 60, 2]}]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"input_ids": [1, 99999]}])
+    with pytest.raises(data.DataError, match=r"bad.jsonl:1: field 'input_ids' must be a non-empty list of token ids"):
+        data.tokenize_records([data.Record(r.data, r.where, "pretokenized") for r in data.read_records(bad)], tiny_tokenizer,
+                              data_args(bad))
+    text = write_jsonl(tmp_path / "t.jsonl", [{"body": "Once upon a time."}])
+    records = [data.Record(r.data, r.where, "completion") for r in data.read_records(text)]
+    kept, _ = data.tokenize_records(records, tiny_tokenizer, data_args(text, dataset_text_field="body"))
+    assert tiny_tokenizer.decode(kept[0]["input_ids"]) == "<s>Once upon a time.</s>"
+    assert kept[0]["labels"][1:] == kept[0]["input_ids"][1:] and kept[0]["labels"][0] == IGNORE_INDEX

@@ -383,6 +383,11 @@ def test_masks_are_token_exact_and_every_answer_ends_with_a_trained_end_token(an
     # guarantee 2: the boundaries are stable (the prompt alone encodes to a prefix), and the trained tokens are
     # exactly the answers and their end tokens (compared without whitespace, which decoders normalise)
     assert encoded.boundary_merges == 0
+    text_runs = [s for s in segments if s.special is None]
+    if [s.special for s in segments] == ["bos", None, None, "eos"] or [s.special for s in segments] == ["bos", None, "eos"]:
+        # one text run: the ids are exactly those of the fully rendered text, with BOS/EOS as ids around it
+        whole = tokenizer("".join(s.text for s in text_runs), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        assert encoded.input_ids == ([bos] if bos is not None else []) + whole + [tokenizer.eos_token_id]
     end_text = tokenizer.convert_ids_to_tokens(end)
     expected = [s.text if s.special is None else end_text for s in segments if s.trainable]
     decoded = "".join(tokenizer.decode([t]) for t, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX)

@@ -16,7 +16,7 @@ from demo import EOS_BAR, EXACT_MATCH_BAR
 @pytest.mark.slow
 def test_demo_learns_the_task_and_stops_at_eos(tmp_path):
     result = run([sys.executable, os.path.join(ROOT, "scripts", "demo.py"), "--work_dir", str(tmp_path / "demo")],
-                 cwd=str(tmp_path))
+                 cwd=str(tmp_path), OMP_NUM_THREADS=str(os.cpu_count()))  # one process: use every core, as a user would
     print(result.stdout[-2000:])
     outcome = json.loads((tmp_path / "demo" / "demo_result.json").read_text())
     assert outcome["n"] == 200
