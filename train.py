@@ -294,6 +294,12 @@ def expand_recipe(argv: list[str]) -> list[str]:
         flag = "--" + str(key).lstrip("-")
         if value is None:
             continue
+        if key == "datasets":  # axolotl style: [{path, format | type}, ...]
+            flags += recipe_datasets(path, value)
+            continue
+        if key == "custom_format" and isinstance(value, dict):  # {format, no_input_format, field_instruction, ...}
+            flags += [arg for name, item in value.items() for arg in (f"--custom_{name}", str(item))]
+            continue
         if isinstance(value, bool):
             flags += [flag, str(value)]
         elif isinstance(value, list):
@@ -328,6 +334,15 @@ def merge_repeated_list_flags(argv: list[str]) -> list[str]:
     for token in out:
         result += [token] + merged[token] if token in merged else [token]
     return result
+
+
+def recipe_datasets(path: str, entries) -> list[str]:
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "path" in e for e in entries):
+        raise UsageError(f"recipe file {path}: 'datasets' must be a list of mappings with 'path' (and 'format')")
+    flags = []
+    for entry in entries:
+        flags += ["--dataset", str(entry["path"]), "--dataset_format", str(entry.get("format", entry.get("type", "airoboros")))]
+    return flags
 
 
 def map_legacy_flags(argv: list[str]) -> list[str]:

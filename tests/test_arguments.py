@@ -160,3 +160,15 @@ def test_eval_dataset_size_fraction_and_count(data_file):
     with pytest.raises(data_module.DataError, match="leaves no training records"):
         data_module.eval_count(10, 10)
     assert os.path.isfile(data_file)
+
+
+def test_recipe_lists_datasets_with_formats_and_a_custom_format(tmp_path, data_file):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model_name_or_path: m\noutput_dir: o\ndatasets:\n  - path: {data_file}\n    format: alpaca\n"
+        f"  - path: {data_file}\n    type: custom\n"
+        "custom_format:\n  format: '<q>{instruction} {input}<a>'\n  field_output: answer\n"
+    )
+    _, data_args, _, _ = parse(str(recipe))
+    assert data_args.dataset == [data_file, data_file] and data_args.dataset_format == ["alpaca", "custom"]
+    assert data_args.custom_format == "<q>{instruction} {input}<a>" and data_args.custom_field_output == "answer"
