@@ -32,6 +32,7 @@ from dataset_formats import (
     response,
     special_ids,
 )
+from packing import PackedCollator, pack_sequences, packing_efficiency
 
 logger = logging.getLogger(__name__)
 
@@ -379,6 +380,7 @@ def fingerprint(data_args, tokenizer, seed: int) -> str:
         "train_on_source": data_args.train_on_source,
         "include_sources": data_args.include_sources,
         "dataset_text_field": data_args.dataset_text_field,
+        "sample_packing": [getattr(data_args, "sample_packing", False), getattr(data_args, "eval_sample_packing", None)],
         "custom": {name: getattr(data_args, f"custom_{name}", None) for name in CUSTOM_FIELDS},
         "chat_template": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()[:12],
         "eval_dataset_size": data_args.eval_dataset_size,
@@ -427,13 +429,19 @@ def prepare_datasets(data_args, tokenizer, seed: int, write: bool):
             f"({train_stats.dropped_too_long} of {train_stats.samples_read} exceed --model_max_len "
             f"{data_args.model_max_len}); raise --model_max_len or pass --excess_length truncate"
         )
+    packing = {"train": getattr(data_args, "sample_packing", False)}
+    packing["eval"] = packing["train"] if getattr(data_args, "eval_sample_packing", None) is None else data_args.eval_sample_packing
+    if packing["train"]:
+        train_samples = pack_sequences(train_samples, data_args.model_max_len, seed)
+    if packing["eval"] and eval_samples:
+        eval_samples = pack_sequences(eval_samples, data_args.model_max_len, seed)
     stats = {
         "fingerprint": key,
         "dataset": data_args.dataset,
         "dataset_format": data_args.dataset_format,
         "model_max_len": data_args.model_max_len,
-        "train": train_stats.summary() | {"samples_used": len(train_samples)},
-        "eval": eval_stats.summary() | {"samples_used": len(eval_samples)} if eval_records else None,
+        "train": train_stats.summary() | rows_summary(train_samples, packing["train"], data_args.model_max_len),
+        "eval": eval_stats.summary() | rows_summary(eval_samples, packing["eval"], data_args.model_max_len) if eval_records else None,
     }
     log_stats(stats)
     train = datasets.Dataset.from_list(train_samples)
@@ -441,6 +449,13 @@ def prepare_datasets(data_args, tokenizer, seed: int, write: bool):
     if cache and write:
         save_prepared(cache, train, evaluation, stats)
     return train, evaluation, stats
+
+
+def rows_summary(rows: list[dict], packed: bool, max_len: int) -> dict:
+    if not packed:
+        return {"samples_used": len(rows), "packed": False}
+    return {"samples_used": sum(r["position_ids"].count(0) for r in rows), "packed": True, "rows": len(rows),
+            "packing_efficiency": round(packing_efficiency(rows, max_len), 5)}
 
 
 def save_prepared(cache: str, train, evaluation, stats: dict) -> None:
@@ -470,6 +485,9 @@ def log_stats(stats: dict) -> None:
             s["truncated"], s["bad_records"], s["tokens"], 100 * s["trained_token_fraction"],
             s["ending_with_trained_end_token"], s["samples_kept"], s["length_percentiles"],
         )
+        if s.get("packed"):
+            logger.info("%s data packed into %d rows of %d tokens: packing efficiency %.2f%% (real tokens / slots)",
+                        split, s["rows"], stats["model_max_len"], 100 * s["packing_efficiency"])
         for example in s["bad_record_examples"]:
             logger.warning("skipped bad record: %s", example)
         if s["boundary_merges"]:
@@ -492,6 +510,17 @@ def preview(sample: dict, tokenizer) -> str:
 
 
 # --- batching ------------------------------------------------------------------------------------------------------------
+
+
+class Collator:
+    """Packed rows (with position_ids) go to the PackedCollator, plain samples to the PaddingCollator."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.packed = PackedCollator(pad_token_id, pad_to_multiple_of)
+        self.padded = PaddingCollator(pad_token_id, pad_to_multiple_of)
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        return (self.packed if "position_ids" in features[0] else self.padded)(features)
 
 
 class PaddingCollator:

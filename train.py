@@ -170,6 +170,20 @@ class DataArguments:
             "data, format, tokenizer and length settings are unchanged."
         },
     )
+    sample_packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack tokenized samples into rows of --model_max_len (best-fit decreasing, seeded): no padding, "
+            "positions restart per sample and attention stays within each sample (flash-attention varlen on GPU, "
+            "a block-diagonal mask with sdpa/eager). --per_device_train_batch_size then counts rows."
+        },
+    )
+    eval_sample_packing: Optional[bool] = field(
+        default=None, metadata={"help": "Pack the eval set too (None: same as --sample_packing)."}
+    )
+    pad_to_multiple_of: Optional[int] = field(
+        default=None, metadata={"help": "Pad each batch's length up to a multiple of this (e.g. 8 or 64 for tensor cores; None: no)."}
+    )
     prepare_only: bool = field(
         default=False,
         metadata={"help": "Tokenize, write --dataset_prepared_path and stats.json, then exit without training."},
@@ -438,6 +452,8 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
             raise UsageError(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
         if not args.lora_modules.strip():
             raise UsageError("--lora_modules is empty; use 'all' or a comma list such as q_proj,v_proj")
+    if data_args.sample_packing and args.train_sampling_strategy == "group_by_length":
+        raise UsageError("--sample_packing already fills rows to --model_max_len; drop --group_by_length")
     if data_args.model_max_len <= 0:
         raise UsageError(f"--model_max_len must be > 0 (got {data_args.model_max_len})")
     if data_args.eval_dataset_size < 0:
@@ -657,16 +673,18 @@ class SFTTrainer(transformers.Trainer):
         super().log(logs, start_time)
 
 
-def build_trainer(model, args: TrainingArguments, tokenizer, train, evaluation):
+def build_trainer(model, args: TrainingArguments, data_args: DataArguments, tokenizer, train, evaluation):
+    """Packed rows carry position_ids and no attention mask; one collator handles both row kinds."""
     if args.eval_strategy == "no":
         evaluation = None
     args.remove_unused_columns = False
+    model.config.use_cache = False  # with a cache, transformers would not look for packed sequences
     return SFTTrainer(
         model=model,
         args=args,
         train_dataset=train,
         eval_dataset=evaluation,
-        data_collator=data.PaddingCollator(tokenizer.pad_token_id),
+        data_collator=data.Collator(tokenizer.pad_token_id, data_args.pad_to_multiple_of),
         processing_class=tokenizer,
     )
 
@@ -781,7 +799,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     model, new_tokens = load_model(model_args, args, tokenizer)
     model = add_adapters(model, args, new_tokens)
-    trainer = build_trainer(model, args, tokenizer, train_set, eval_set)
+    trainer = build_trainer(model, args, data_args, tokenizer, train_set, eval_set)
     if args.do_train:
         train(trainer, args)
         save_final(trainer, args, tokenizer, gen_config)

@@ -26,7 +26,7 @@ def stages(tiny_model, data_file, tmp_path, *flags):
     model, new_tokens = train.load_model(model_args, args, tokenizer)
     model = train.add_adapters(model, args, new_tokens)
     train_set, eval_set, _ = train.build_datasets(data_args, args, tokenizer)
-    trainer = train.build_trainer(model, args, tokenizer, train_set, eval_set)
+    trainer = train.build_trainer(model, args, data_args, tokenizer, train_set, eval_set)
     return trainer, tokenizer
 
 
