@@ -203,6 +203,13 @@ class TokenizeStats:
     boundary_merges: int = 0
     lengths: list[int] = field(default_factory=list)
 
+    def merge(self, other: "TokenizeStats") -> None:
+        for name, value in vars(other).items():
+            if name == "bad_record_examples":
+                self.bad_record_examples = (self.bad_record_examples + value)[:5]
+            else:
+                setattr(self, name, getattr(self, name) + value)
+
     def summary(self) -> dict:
         lengths = sorted(self.lengths)
 
@@ -215,6 +222,37 @@ class TokenizeStats:
             "max": lengths[-1] if lengths else 0
         }
         return out
+
+
+def tokenize_in_processes(records: list[Record], tokenizer, data_args, processes: int) -> tuple[list[dict], TokenizeStats]:
+    """tokenize_records over contiguous chunks in `processes` worker processes (fork: the tokenizer is inherited,
+    not pickled); samples come back in record order, so the result equals the single-process one."""
+    if processes <= 1 or len(records) < 2000:
+        return tokenize_records(records, tokenizer, data_args)
+    import concurrent.futures
+    import multiprocessing
+
+    size = -(-len(records) // (processes * 4))
+    chunks = [records[i : i + size] for i in range(0, len(records), size)]
+    _WORKER_STATE.update(tokenizer=tokenizer, data_args=data_args)
+    context = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
+        parts = list(pool.map(_tokenize_chunk, chunks))
+    samples, stats = [], TokenizeStats()
+    for part_samples, part_stats in parts:
+        samples += part_samples
+        stats.merge(part_stats)
+    return samples, stats
+
+
+_WORKER_STATE: dict = {}
+
+
+def _tokenize_chunk(chunk: list[Record]):
+    try:
+        return tokenize_records(chunk, _WORKER_STATE["tokenizer"], _WORKER_STATE["data_args"])
+    except DataError as error:  # keep the message; the exception type survives pickling as DataError
+        raise DataError(str(error)) from None
 
 
 def tokenize_records(records: list[Record], tokenizer, data_args) -> tuple[list[dict], TokenizeStats]:
@@ -415,8 +453,9 @@ def prepare_datasets(data_args, tokenizer, seed: int, write: bool):
     for dataset, format_name in zip(data_args.dataset, formats):
         records += [Record(r.data, r.where, format_name) for r in read_records(dataset)]
     train_records, eval_records = split_records(records, data_args.eval_dataset_size, seed)
-    train_samples, train_stats = tokenize_records(train_records, tokenizer, data_args)
-    eval_samples, eval_stats = tokenize_records(eval_records, tokenizer, data_args)
+    processes = getattr(data_args, "dataset_processes", 1) or 1
+    train_samples, train_stats = tokenize_in_processes(train_records, tokenizer, data_args, processes)
+    eval_samples, eval_stats = tokenize_in_processes(eval_records, tokenizer, data_args, processes)
     if len(data_args.dataset) > 1:
         random.Random(seed).shuffle(train_samples)  # several datasets are trained mixed, not one after the other
     if data_args.max_train_samples is not None:

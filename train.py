@@ -166,9 +166,14 @@ class DataArguments:
     dataset_prepared_path: Optional[str] = field(
         default=None,
         metadata={
-            "help": "Directory for the tokenized train/eval sets and stats.json. Reused by later runs when the "
-            "data, format, tokenizer and length settings are unchanged."
+            "help": "Directory for the tokenized (and packed) train/eval sets and stats.json (None: "
+            "<working_dir>/prepared_data). Reused by later runs and by the other ranks when the data bytes, "
+            "formats, tokenizer, length and packing settings are unchanged (a fingerprint of them is checked)."
         },
+    )
+    dataset_processes: int = field(
+        default=1,
+        metadata={"help": "Worker processes for tokenization (results are identical to 1; used from 2,000 records)."},
     )
     sample_packing: bool = field(
         default=False,
@@ -576,6 +581,8 @@ def load_tokenizer(model_args: ModelArguments, data_args: DataArguments):
 def build_datasets(data_args: DataArguments, args: TrainingArguments, tokenizer):
     """Rank 0 prepares (and caches) first; the other ranks then reuse its cache or repeat the same seeded work."""
     seed = args.data_seed if args.data_seed is not None else args.seed
+    if data_args.dataset_prepared_path is None:
+        data_args.dataset_prepared_path = os.path.join(args.working_dir, "prepared_data")
     with args.main_process_first(desc="dataset preparation"):
         train, evaluation, stats = data.prepare_datasets(data_args, tokenizer, seed, write=args.process_index == 0)
     logger.info("sample 0 as trained ([[...]] = trained tokens):\n%s", data.preview(train[0], tokenizer))

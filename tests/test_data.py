@@ -182,3 +182,16 @@ def test_pretokenized_and_completion_records(tmp_path, tiny_tokenizer):
     kept, _ = data.tokenize_records(records, tiny_tokenizer, data_args(text, dataset_text_field="body"))
     assert tiny_tokenizer.decode(kept[0]["input_ids"]) == "<s>Once upon a time.</s>"
     assert kept[0]["labels"][1:] == kept[0]["input_ids"][1:] and kept[0]["labels"][0] == IGNORE_INDEX
+
+
+def test_tokenizing_in_processes_gives_the_same_samples_and_stats(tmp_path, tiny_tokenizer):
+    rows = instructions(2500) + [{"instruction": "x"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    records = airoboros_records(path)
+    args = data_args(path, skip_bad_records=True, model_max_len=20)
+    one = data.tokenize_records(records, tiny_tokenizer, args)
+    two = data.tokenize_in_processes(records, tiny_tokenizer, args, processes=2)
+    assert one[0] == two[0] and one[1].summary() == two[1].summary()
+    assert two[1].bad_records == 1 and two[1].dropped_too_long > 0
+    with pytest.raises(data.DataError, match="d.jsonl:2501: missing field 'response'"):
+        data.tokenize_in_processes(records, tiny_tokenizer, data_args(path), processes=2)
