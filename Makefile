@@ -10,7 +10,7 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-.PHONY: install demo test
+.PHONY: install demo test bench
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -18,3 +18,8 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
+
+# Throughput benchmark (not part of the tests): installs TRL into the same venv, needs ../shared/data.
+bench: $(VENV)/.installed
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	$(PY) scripts/benchmark_throughput.py
