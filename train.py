@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -667,6 +668,47 @@ def embedding_modules(model) -> list[str]:
     return [name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is inputs or module is outputs]
 
 
+class PreemptionCallback(transformers.TrainerCallback):
+    """SIGTERM/SIGINT (preemption, Ctrl-C): finish the current optimizer step, save a normal checkpoint at that
+    step boundary, stop. All ranks agree on the step (the flag is all-reduced), so the collective save never
+    hangs. The run then exits 143/130 without writing final outputs; the same command resumes."""
+
+    def __init__(self):
+        self.signal_received: Optional[int] = None
+        self.previous: dict = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame) -> None:
+        if self.signal_received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.signal_received = signum
+        logger.warning("%s received: saving a checkpoint at the end of this step, then stopping",
+                       signal.Signals(signum).name)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if any_rank_flagged(self.signal_received is not None):
+            self.signal_received = self.signal_received or signal.SIGTERM
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def any_rank_flagged(flag: bool) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 class SFTTrainer(transformers.Trainer):
     """The Trainer, plus real (non-padding) tokens per second in every log line."""
 
@@ -693,7 +735,13 @@ def build_trainer(model, args: TrainingArguments, data_args: DataArguments, toke
         eval_dataset=evaluation,
         data_collator=data.Collator(tokenizer.pad_token_id, data_args.pad_to_multiple_of),
         processing_class=tokenizer,
+        callbacks=[PreemptionCallback()],
     )
+
+
+def stopped_by_signal(trainer) -> Optional[int]:
+    callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, PreemptionCallback)), None)
+    return callback.signal_received if callback else None
 
 
 def find_resume_checkpoint(args: TrainingArguments) -> Optional[str]:
@@ -707,7 +755,9 @@ def find_resume_checkpoint(args: TrainingArguments) -> Optional[str]:
     )
     for _, name in reversed(steps):
         path = os.path.join(args.working_dir, name)
-        if os.path.isfile(os.path.join(path, "trainer_state.json")):
+        if os.path.isfile(os.path.join(path, "trainer_state.json")) and not os.path.exists(
+            os.path.join(path, "checkpoint-is-incomplete.txt")
+        ):
             return path
         logger.warning("ignoring incomplete checkpoint %s (no trainer_state.json)", path)
     return None
@@ -809,6 +859,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     trainer = build_trainer(model, args, data_args, tokenizer, train_set, eval_set)
     if args.do_train:
         train(trainer, args)
+        if stopped_by_signal(trainer):
+            logger.warning("stopped at step %d with a checkpoint in %s; run the same command again to resume",
+                           trainer.state.global_step, args.working_dir)
+            return 128 + stopped_by_signal(trainer)
         save_final(trainer, args, tokenizer, gen_config)
     if args.do_eval and eval_set is not None:
         trainer.save_metrics("eval", trainer.evaluate())

@@ -184,3 +184,28 @@ def test_interrupted_run_resumes_at_its_checkpoint_and_finished_run_is_not_retra
     again = run(command, cwd=str(tmp_path))
     assert again.returncode == 0
     assert "already completed" in again.output and "'loss'" not in again.output
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_preemption_signal_saves_a_checkpoint_at_a_step_boundary_and_the_run_resumes(tmp_path, tiny_model, sig):
+    data_file = write_jsonl(tmp_path / "data.jsonl", instructions(40))
+    out = tmp_path / "adapter"
+    command = lora_command(tiny_model, data_file, str(out), "--max_steps", "300", "--save_steps", "1000")
+    log = open(tmp_path / "log.txt", "w")
+    process = subprocess.Popen(command, cwd=str(tmp_path), env=child_env(), stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while "'loss'" not in (tmp_path / "log.txt").read_text() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(sig)
+    code = process.wait(timeout=120)
+    output = (tmp_path / "log.txt").read_text()
+    assert code == 128 + sig, output[-3000:]
+    assert "Traceback" not in output and "run the same command again to resume" in output
+    assert not (out / "completed").exists() and not (out / "adapter_model.safetensors").exists()
+    saved = [int(p.parent.name.split("-")[1]) for p in out.glob("checkpoint-*/trainer_state.json")]
+    assert len(saved) == 1 and 0 < saved[0] < 300  # one checkpoint, where the signal arrived (save_steps is 1000)
+    resumed = run(command, cwd=str(tmp_path))
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert f"resuming from {out}/checkpoint-{saved[0]}" in resumed.output
+    assert resumed.output.count("'loss'") == 300 - saved[0]
+    assert (out / "completed").exists()
