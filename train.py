@@ -755,12 +755,22 @@ def find_resume_checkpoint(args: TrainingArguments) -> Optional[str]:
     )
     for _, name in reversed(steps):
         path = os.path.join(args.working_dir, name)
-        if os.path.isfile(os.path.join(path, "trainer_state.json")) and not os.path.exists(
-            os.path.join(path, "checkpoint-is-incomplete.txt")
-        ):
+        if checkpoint_is_complete(path):
             return path
-        logger.warning("ignoring incomplete checkpoint %s (no trainer_state.json)", path)
+        logger.warning("ignoring incomplete checkpoint %s (interrupted while it was written)", path)
     return None
+
+
+def checkpoint_is_complete(path: str) -> bool:
+    """The Trainer writes trainer_state.json last, after weights, optimizer, scheduler and RNG states; a checkpoint
+    whose state file is missing or unreadable (or that carries transformers' JIT-checkpoint sentinel) is torn."""
+    if os.path.exists(os.path.join(path, "checkpoint-is-incomplete.txt")):
+        return False
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as handle:
+            return "global_step" in json.load(handle)
+    except (OSError, ValueError):
+        return False
 
 
 def train(trainer, args: TrainingArguments) -> None:
