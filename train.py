@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -227,6 +228,14 @@ class TrainingArguments(transformers.TrainingArguments):
     double_quant: bool = field(
         default=True, metadata={"help": "4-bit only: also quantize the quantization constants (saves ~0.4 bit/param)."}
     )
+    quant_storage: str = field(
+        default="uint8",
+        metadata={
+            "help": "4-bit only: dtype the packed 4-bit weights are stored in. ZeRO-3 and FSDP need the model's own "
+            "dtype (bfloat16 with --bf16).",
+            "choices": ["uint8", "bfloat16", "float16", "float32"],
+        },
+    )
     quant_type: str = field(
         default="nf4", metadata={"help": "4-bit only: data type of the quantized weights.", "choices": ["nf4", "fp4"]}
     )
@@ -418,6 +427,10 @@ def reject_unknown(parser: HfArgumentParser, remaining: list[str]) -> None:
 def parse_arguments(argv: list[str]):
     parser = build_parser()
     argv = merge_repeated_list_flags(map_legacy_flags(expand_recipe(argv)))
+    if "--deepspeed" in argv[:-1]:  # TrainingArguments would reject it with a message that names no flag
+        config = argv[argv.index("--deepspeed") + 1]
+        if config.endswith(".json") and not os.path.isfile(config):
+            raise UsageError(f"--deepspeed {config}: config file not found (cwd: {os.getcwd()})")
     try:
         *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as error:  # TrainingArguments.__post_init__ checks
@@ -471,6 +484,10 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
         )
     if args.deepspeed and isinstance(args.deepspeed, str) and not os.path.isfile(args.deepspeed):
         raise UsageError(f"--deepspeed {args.deepspeed}: config file not found")
+    for flag, path in (("--output_dir", args.output_dir), ("--working_dir", args.working_dir),
+                       ("--merged_output_dir", args.merged_output_dir), ("--dataset_prepared_path", data_args.dataset_prepared_path)):
+        check_writable_directory(flag, path)
+    check_zero3_quant_storage(args)
     if "wandb" in (args.report_to or []) and not wandb_is_configured():
         raise UsageError(
             "--report_to wandb: no WANDB_API_KEY and no `wandb login`; set WANDB_API_KEY, or WANDB_MODE=offline "
@@ -481,11 +498,61 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
     model_args.attn_implementation = resolve_attention(model_args.attn_implementation)
 
 
+def check_writable_directory(flag: str, path: Optional[str]) -> None:
+    """The directory (or the nearest existing parent it would be created in) must be a writable directory."""
+    if not path:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a file, not a directory; pick another path")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UsageError(f"{flag} {path}: cannot write in {existing} ({error.strerror}); pick a writable path") from error
+
+
 def wandb_is_configured() -> bool:
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
         return True
     netrc = os.path.expanduser("~/.netrc")
     return os.path.isfile(netrc) and "api.wandb.ai" in open(netrc).read()
+
+
+def check_zero3_quant_storage(args: TrainingArguments) -> None:
+    """ZeRO-3 shards parameters by dtype: 4-bit weights must be stored in the dtype of the rest of the model."""
+    if args.bits != 4 or not args.deepspeed:
+        return
+    config = args.deepspeed
+    if isinstance(config, str):
+        with open(config) as handle:
+            config = json.load(handle)
+    if config.get("zero_optimization", {}).get("stage") != 3:
+        return
+    needed = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
+    if args.quant_storage != needed:
+        raise UsageError(
+            f"--deepspeed {args.deepspeed} is ZeRO-3 and --bits 4 stores weights as {args.quant_storage}; ZeRO-3 needs "
+            f"them stored like the rest of the model: pass --quant_storage {needed}"
+        )
+
+
+def check_model_before_writing(model_args: ModelArguments, args: TrainingArguments) -> None:
+    """The model exists and the LoRA target names are real, checked on an empty (meta) model before any write."""
+    import torch
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load a model config "
+                         f"({str(error).splitlines()[0]}); pass a local model directory or a reachable hub id") from error
+    if args.full_finetune or args.lora_modules.strip() == "all":
+        return
+    with torch.device("meta"):
+        skeleton = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
+    lora_target_list(skeleton, args.lora_modules)
 
 
 def has_accelerator() -> bool:
@@ -543,10 +610,12 @@ def is_completed(args: TrainingArguments) -> bool:
 
 
 def load_tokenizer(model_args: ModelArguments, data_args: DataArguments):
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        model_args.tokenizer_name_or_path or model_args.model_name_or_path,
-        trust_remote_code=model_args.trust_remote_code,
-    )
+    source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot load a tokenizer from {source} ({str(error).splitlines()[0]}); "
+                         "pass --tokenizer_name_or_path or add the tokenizer files to the model directory") from error
     overrides = {
         name: value
         for name, value in (
@@ -603,6 +672,7 @@ def load_model(model_args: ModelArguments, args: TrainingArguments, tokenizer):
             bnb_4bit_compute_dtype=compute_dtype,
             bnb_4bit_use_double_quant=args.double_quant,
             bnb_4bit_quant_type=args.quant_type,
+            bnb_4bit_quant_storage=getattr(torch, args.quant_storage),
         )
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": args.local_process_index}
@@ -847,22 +917,18 @@ def finish_completed_run(model_args, args, tokenizer, gen_config) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    setup_logging()
-    try:
-        model_args, data_args, args, gen_args = parse_arguments(sys.argv[1:] if argv is None else argv)
-        prepare_directories(args)
-        transformers.set_seed(args.seed)
-        tokenizer = load_tokenizer(model_args, data_args)
-        gen_config = generation_config(gen_args, tokenizer, data_args.dataset_format)
-        if is_completed(args) and not data_args.prepare_only:
-            return finish_completed_run(model_args, args, tokenizer, gen_config)
-        train_set, eval_set, _ = build_datasets(data_args, args, tokenizer)
-    except (UsageError, data.DataError) as error:
-        logger.error("%s", error)
-        return 2
+def run(argv: list[str]) -> int:
+    model_args, data_args, args, gen_args = parse_arguments(argv)
+    check_model_before_writing(model_args, args)
+    prepare_directories(args)
+    transformers.set_seed(args.seed)
+    tokenizer = load_tokenizer(model_args, data_args)
+    gen_config = generation_config(gen_args, tokenizer, data_args.dataset_format)
+    if is_completed(args) and not data_args.prepare_only:
+        return finish_completed_run(model_args, args, tokenizer, gen_config)
+    train_set, eval_set, _ = build_datasets(data_args, args, tokenizer)
     if data_args.prepare_only:
-        logger.info("--prepare_only: data prepared%s; not training", f" in {data_args.dataset_prepared_path}" if data_args.dataset_prepared_path else "")
+        logger.info("--prepare_only: data prepared in %s; not training", data_args.dataset_prepared_path)
         return 0
     model, new_tokens = load_model(model_args, args, tokenizer)
     model = add_adapters(model, args, new_tokens)
@@ -884,6 +950,20 @@ def main(argv: Optional[list[str]] = None) -> int:
             merge_adapter(model_args, args, tokenizer, gen_config)
         mark_completed(args, global_step)
     return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Bad input ends in one line naming the flag/file and the fix, exit code 2; `--debug` adds the traceback."""
+    setup_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv and (argv.index("--debug") + 1 == len(argv) or argv[argv.index("--debug") + 1].startswith("--"))
+    if debug:
+        argv.remove("--debug")
+    try:
+        return run(argv)
+    except (UsageError, data.DataError) as error:
+        logger.error("%s", error, exc_info=debug)
+        return 2
 
 
 if __name__ == "__main__":
