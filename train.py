@@ -917,8 +917,22 @@ def finish_completed_run(model_args, args, tokenizer, gen_config) -> int:
     return 0
 
 
+def protect_secrets(args: TrainingArguments) -> None:
+    """--hub_token moves to HF_TOKEN (where huggingface_hub reads it) and out of the arguments that get pickled
+    into training_args.bin, and out of sys.argv, which wandb copies into its run metadata."""
+    if args.hub_token:
+        os.environ.setdefault("HF_TOKEN", args.hub_token)
+        args.hub_token = None
+    for index, token in enumerate(sys.argv):
+        if token == "--hub_token" and index + 1 < len(sys.argv):
+            sys.argv[index + 1] = "<redacted>"
+        elif token.startswith("--hub_token="):
+            sys.argv[index] = "--hub_token=<redacted>"
+
+
 def run(argv: list[str]) -> int:
     model_args, data_args, args, gen_args = parse_arguments(argv)
+    protect_secrets(args)
     check_model_before_writing(model_args, args)
     prepare_directories(args)
     transformers.set_seed(args.seed)
