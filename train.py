@@ -580,9 +580,13 @@ def resolve_attention(requested: str) -> str:
 # --- stages, in the order they run ------------------------------------------------------------------------------------
 
 
+def process_rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
 def setup_logging() -> None:
     """Rank 0 logs at INFO; the other ranks only warn, so every line appears once."""
-    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    rank = process_rank()
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
     transformers.utils.logging.set_verbosity(logging.WARNING if rank == 0 else logging.ERROR)
@@ -976,7 +980,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return run(argv)
     except (UsageError, data.DataError) as error:
-        logger.error("%s", error, exc_info=debug)
+        if process_rank() == 0 or debug:  # every rank sees the same bad input: say it once
+            logger.error("%s", error, exc_info=debug)
         return 2
 
 

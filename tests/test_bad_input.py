@@ -148,3 +148,19 @@ def test_a_tokenizer_without_eos_is_refused(tmp_path, tiny_model):
     good = write_jsonl(tmp_path / "good.jsonl", instructions(4))
     code = train.main(["--model_name_or_path", str(model), "--dataset", good, "--output_dir", str(tmp_path / "o"), "--report_to", "none"])
     assert code == 2 and not (tmp_path / "o").exists()
+
+
+def test_torchrun_with_bad_data_fails_fast_on_every_rank_and_says_it_once(tmp_path, tiny_model):
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "a", "response": "b"}, {"instruction": "x"}])
+    started = time.time()
+    result = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", os.path.join(ROOT, "train.py"),
+                  "--model_name_or_path", tiny_model, "--dataset", bad, "--output_dir", str(tmp_path / "o"), "--bits", "32"],
+                 cwd=str(tmp_path), timeout=300)
+    assert result.returncode != 0
+    assert time.time() - started < 120  # no rank waits for the DDP timeout
+    assert result.output.count("bad.jsonl:2: missing field 'response'") == 1
