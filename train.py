@@ -249,6 +249,14 @@ class TrainingArguments(transformers.TrainingArguments):
             "list of module names (e.g. q_proj,v_proj)."
         },
     )
+    loss_watchdog_threshold: Optional[float] = field(
+        default=None,
+        metadata={"help": "Stop when the logged loss stays above this for --loss_watchdog_patience logs (None: only "
+                  "NaN/inf losses stop the run)."},
+    )
+    loss_watchdog_patience: int = field(
+        default=3, metadata={"help": "Consecutive bad logs (NaN/inf, or above the threshold) that stop the run."}
+    )
     report_to: Union[None, str, list[str]] = field(
         default="none",
         metadata={"help": "Loggers: none, wandb, tensorboard, ... (wandb needs WANDB_API_KEY or WANDB_MODE=offline)."},
@@ -783,6 +791,32 @@ def any_rank_flagged(flag: bool) -> bool:
     return bool(value.item())
 
 
+class LossWatchdog(transformers.TrainerCallback):
+    """NaN/inf losses, or losses above --loss_watchdog_threshold, for --loss_watchdog_patience logs in a row stop
+    the run before the bad weights are saved; the newest checkpoint is the last good state."""
+
+    def __init__(self, threshold: Optional[float], patience: int):
+        self.threshold, self.patience = threshold, max(1, patience)
+        self.bad = 0
+        self.tripped: Optional[str] = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return
+        broken = loss != loss or loss in (float("inf"), float("-inf"))
+        self.bad = self.bad + 1 if broken or (self.threshold is not None and loss > self.threshold) else 0
+        if self.bad >= self.patience:
+            self.tripped = f"loss {loss} at step {state.global_step} ({self.bad} bad logs in a row)"
+            control.should_training_stop = True
+            control.should_save = False
+
+
+def watchdog_tripped(trainer) -> Optional[str]:
+    callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, LossWatchdog)), None)
+    return callback.tripped if callback else None
+
+
 class SFTTrainer(transformers.Trainer):
     """The Trainer, plus real (non-padding) tokens per second in every log line."""
 
@@ -809,7 +843,7 @@ def build_trainer(model, args: TrainingArguments, data_args: DataArguments, toke
         eval_dataset=evaluation,
         data_collator=data.Collator(tokenizer.pad_token_id, data_args.pad_to_multiple_of),
         processing_class=tokenizer,
-        callbacks=[PreemptionCallback()],
+        callbacks=[PreemptionCallback(), LossWatchdog(args.loss_watchdog_threshold, args.loss_watchdog_patience)],
     )
 
 
@@ -847,6 +881,29 @@ def checkpoint_is_complete(path: str) -> bool:
         return False
 
 
+def free_bytes(path: str) -> int:
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return shutil.disk_usage(existing).free
+
+
+def check_disk_space(model, args: TrainingArguments) -> None:
+    """A checkpoint holds the trainable weights plus two fp32 Adam moments for each, and (full fine-tune) the whole
+    model; --save_total_limit of them at once, plus the final output. Stop before training if they cannot fit."""
+    saved_weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    checkpoint = saved_weights + sum(8 * p.numel() for p in model.parameters() if p.requires_grad)
+    kept = (args.save_total_limit or 1) if args.save_strategy != "no" else 0
+    needed = int(1.1 * (checkpoint * (kept + 1) + saved_weights))
+    free = free_bytes(args.working_dir)
+    if free < needed:
+        raise UsageError(
+            f"--working_dir {args.working_dir} has {free / 2**30:.2f} GiB free, but {kept} checkpoint(s) of about "
+            f"{checkpoint / 2**30:.2f} GiB and the final output need about {needed / 2**30:.2f} GiB; free space, "
+            "lower --save_total_limit or point --working_dir at a larger disk"
+        )
+
+
 def train(trainer, args: TrainingArguments) -> None:
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     logger.info(
@@ -873,11 +930,21 @@ def generation_config(gen_args: GenerationArguments, tokenizer, formats: list[st
 
 
 def save_final(trainer, args: TrainingArguments, tokenizer, gen_config) -> None:
-    """The final model (full fine-tune) or adapter, with tokenizer and generation config, in --output_dir."""
-    trainer.save_model(args.final_output_dir)
+    """The final model (full fine-tune) or adapter, with tokenizer and generation config, in --output_dir.
+    Written to a temporary directory first (every rank takes part: DeepSpeed gathers), then each file is renamed
+    into place; the `completed` marker, written after everything else, is what makes the outputs count."""
+    staging = os.path.join(args.final_output_dir, f".final-tmp-{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}")
+    trainer.save_model(staging)
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(args.final_output_dir)
-        gen_config.save_pretrained(args.final_output_dir)
+        tokenizer.save_pretrained(staging)
+        gen_config.save_pretrained(staging)
+        for name in os.listdir(staging):
+            target = os.path.join(args.final_output_dir, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging, name), target)
+        shutil.rmtree(staging)
+    trainer.accelerator.wait_for_everyone()
     logger.info("saved %s to %s", "model" if args.full_finetune else "adapter", args.final_output_dir)
 
 
@@ -952,11 +1019,18 @@ def run(argv: list[str]) -> int:
     model = add_adapters(model, args, new_tokens)
     trainer = build_trainer(model, args, data_args, tokenizer, train_set, eval_set)
     if args.do_train:
+        check_disk_space(model, args)
         train(trainer, args)
         if stopped_by_signal(trainer):
             logger.warning("stopped at step %d with a checkpoint in %s; run the same command again to resume",
                            trainer.state.global_step, args.working_dir)
             return 128 + stopped_by_signal(trainer)
+        if watchdog_tripped(trainer):
+            last_good = find_resume_checkpoint(args)
+            logger.error("loss watchdog: %s; stopped without saving these weights. Last good state: %s. Lower "
+                         "--learning_rate or check the data, then re-run (it resumes there)",
+                         watchdog_tripped(trainer), last_good or "none (no checkpoint yet)")
+            return 3
         save_final(trainer, args, tokenizer, gen_config)
     if args.do_eval and eval_set is not None:
         trainer.save_metrics("eval", trainer.evaluate())

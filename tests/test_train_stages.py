@@ -108,3 +108,41 @@ def test_loss_is_averaged_over_trained_tokens_across_micro_batches(tiny_model, t
     worst = max((grads_a[n] - grads_b[n]).abs().max().item() for n in grads_a)
     assert worst < 1e-5, worst
     assert max(g.abs().max().item() for g in grads_a.values()) > 1e-3  # the step really moved the weights
+
+
+def test_loss_watchdog_trips_on_nan_inf_and_on_a_threshold():
+    dog = train.LossWatchdog(threshold=None, patience=2)
+    control = type("Control", (), {"should_training_stop": False, "should_save": True})()
+    state = type("State", (), {"global_step": 5})()
+    dog.on_log(None, state, control, logs={"loss": float("nan")})
+    assert not control.should_training_stop  # one bad log is within patience
+    dog.on_log(None, state, control, logs={"loss": float("inf")})
+    assert control.should_training_stop and not control.should_save and "step 5" in dog.tripped
+    dog = train.LossWatchdog(threshold=2.0, patience=2)
+    control.should_training_stop = False
+    for loss in (3.0, 1.0, 3.0):  # a good log in between resets the count
+        dog.on_log(None, state, control, logs={"loss": loss})
+    assert not control.should_training_stop and dog.tripped is None
+
+
+def test_a_tripped_watchdog_stops_before_saving_and_names_the_last_good_checkpoint(tmp_path, tiny_model, data_file):
+    out = tmp_path / "o"
+    result = run(train_py("--model_name_or_path", tiny_model, "--dataset", data_file, "--output_dir", str(out),
+                          "--bits", "32", "--lora_r", "2", "--max_steps", "20", "--save_steps", "1", "--logging_steps", "1",
+                          "--loss_watchdog_threshold", "0.0001", "--loss_watchdog_patience", "2", "--report_to", "none"),
+                 cwd=str(tmp_path))
+    assert result.returncode == 3, result.output[-3000:]
+    assert f"Last good state: {out}/checkpoint-1" in result.output
+    assert not (out / "checkpoint-2").exists() and not (out / "completed").exists()
+
+
+def test_too_little_disk_stops_before_training(tmp_path, tiny_model, data_file, monkeypatch, caplog, capsys):
+    import logging
+
+    monkeypatch.setattr(train, "free_bytes", lambda path: 1000)
+    with caplog.at_level(logging.ERROR):
+        code = train.main(["--model_name_or_path", tiny_model, "--dataset", data_file, "--output_dir", str(tmp_path / "o"),
+                           "--bits", "32", "--lora_r", "2", "--max_steps", "2", "--report_to", "none"])
+    text = caplog.text + capsys.readouterr().err
+    assert code == 2 and "GiB free" in text and "--working_dir" in text
+    assert not list((tmp_path / "o").glob("checkpoint-*"))
