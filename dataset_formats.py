@@ -200,13 +200,17 @@ def check_role_order(messages: list[dict], field: str) -> None:
         expected = "user" if offset % 2 == 0 else "assistant"
         if message["role"] != expected:
             raise RecordError(
-                f"{field}[{start + offset}] is a {message['role']} turn where a {expected} turn must be "
+                f"{field}[{start + offset}] is {with_article(message['role'])} turn where {with_article(expected)} turn must be "
                 "(optional system first, then user and assistant alternating)"
             )
         if expected == "assistant" and not message["content"].strip():
             raise RecordError(f"{field}[{start + offset}] is an empty assistant turn")
     if dialog[-1]["role"] != "assistant":
         raise RecordError(f"{field} must end with an assistant turn (the last turn is {dialog[-1]['role']})")
+
+
+def with_article(word: str) -> str:
+    return ("an " if word.startswith("a") else "a ") + word  # roles: system, user, assistant
 
 
 def split_system(messages: list[dict], default: str | None = None) -> tuple[str | None, list[dict]]:

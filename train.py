@@ -267,8 +267,9 @@ class TrainingArguments(transformers.TrainingArguments):
     )
 
     def __post_init__(self):
-        # bf16 on a machine without a GPU needs use_cpu (CPU autocast); the Trainer would refuse otherwise
-        if (self.bf16 or self.bf16_full_eval) and not self.use_cpu and not has_accelerator():
+        # With no GPU, use_cpu is what makes the Trainer see torchrun's ranks (gloo DDP) and accept bf16 (CPU
+        # autocast). Without it, each torchrun rank silently trains alone as "rank 0 of 1" and all write the outputs.
+        if not self.use_cpu and not has_accelerator():
             self.use_cpu = True
         super().__post_init__()
 

@@ -46,7 +46,7 @@ CASES = [
      "x.jsonl:1: field 'response' is empty"),
     ("wrong-role-order", lambda d, m: ["--dataset_format", "airoboros_chat", "--dataset", write(d / "in/x.jsonl", json.dumps(
         {"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}]}) + "\n")],
-     "x.jsonl:1: conversations[0] is a assistant turn where a user turn must be"),
+     "x.jsonl:1: conversations[0] is an assistant turn where a user turn must be"),
     ("chat-ends-with-user", lambda d, m: ["--dataset_format", "airoboros_chat", "--dataset", write(d / "in/x.jsonl", json.dumps(
         {"conversations": [{"from": "human", "value": "a"}]}) + "\n")], "must end with an assistant turn"),
     ("empty-file", lambda d, m: ["--dataset", write(d / "in/x.jsonl", "")], "x.jsonl: the file holds no records"),

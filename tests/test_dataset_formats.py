@@ -267,7 +267,7 @@ def test_boundary_inside_a_token_is_counted_and_trained(tiny_tokenizer):
         ("airoboros", {"instruction": 3, "response": "x"}, "must be a string"),
         ("alpaca", {"instruction": "x"}, "missing field 'output'"),
         ("airoboros_chat", {"conversations": []}, "non-empty list"),
-        ("airoboros_chat", {"conversations": [{"from": "gpt", "value": "x"}]}, "conversations[0] is a assistant turn"),
+        ("airoboros_chat", {"conversations": [{"from": "gpt", "value": "x"}]}, "conversations[0] is an assistant turn"),
         (
             "airoboros_chat",
             {"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}, {"from": "human", "value": "z"}]},

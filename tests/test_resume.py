@@ -77,6 +77,7 @@ def test_kill_9_then_rerun_ends_with_the_uninterrupted_weights(tmp_path, tiny_mo
     resumed = run(cmd, cwd=str(tmp_path))
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert "resuming from" in resumed.output
+    assert f"world size {2 if launcher is TORCHRUN else 1}:" in resumed.output  # real DDP ranks, not 2 lone runs
 
     expected, actual = final_weights(straight), final_weights(crashed)
     assert expected.keys() == actual.keys()
