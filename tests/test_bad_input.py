@@ -164,3 +164,45 @@ def test_torchrun_with_bad_data_fails_fast_on_every_rank_and_says_it_once(tmp_pa
     assert result.returncode != 0
     assert time.time() - started < 120  # no rank waits for the DDP timeout
     assert result.output.count("bad.jsonl:2: missing field 'response'") == 1
+
+
+FAULT = '''
+import os
+if os.environ.get("RANK") == "1":  # make rank 1 alone raise at step 2, as an OOM or a bad node would
+    import builtins
+    _import = builtins.__import__
+    def _patched(name, *args, **kwargs):
+        module = _import(name, *args, **kwargs)
+        if name == "transformers" and not getattr(builtins, "_fault_installed", False):
+            builtins._fault_installed = True
+            import transformers
+            original = transformers.Trainer.training_step
+            def training_step(self, *a, **k):
+                if self.state.global_step >= 2:
+                    raise RuntimeError("injected failure on rank 1 at step 2")
+                return original(self, *a, **k)
+            transformers.Trainer.training_step = training_step
+        return module
+    builtins.__import__ = _patched
+'''
+
+
+def test_when_one_rank_raises_every_rank_exits_fast_with_the_error_shown_once(tmp_path, tiny_model):
+    """The fault is injected from outside (a sitecustomize on PYTHONPATH), so train.py carries no test hooks."""
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    (tmp_path / "fault").mkdir()
+    (tmp_path / "fault" / "sitecustomize.py").write_text(FAULT)
+    data_file = write_jsonl(tmp_path / "d.jsonl", instructions(40))
+    started = time.time()
+    result = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", os.path.join(ROOT, "train.py"),
+                  "--model_name_or_path", tiny_model, "--dataset", data_file, "--output_dir", str(tmp_path / "o"),
+                  "--bits", "32", "--lora_r", "4", "--max_steps", "50", "--report_to", "none"],
+                 cwd=str(tmp_path), timeout=600, PYTHONPATH=f"{tmp_path / 'fault'}:{ROOT}")
+    assert result.returncode != 0
+    assert time.time() - started < 120, "a rank waited for the DDP timeout"
+    assert result.output.count("RuntimeError: injected failure on rank 1 at step 2") == 1
+    assert not (tmp_path / "o" / "completed").exists()
