@@ -32,7 +32,7 @@ from dataset_formats import (
     response,
     special_ids,
 )
-from packing import PackedCollator, pack_sequences, packing_efficiency
+from packing import PackedCollator, pack_sequences, packing_efficiency, padded_length
 
 logger = logging.getLogger(__name__)
 
@@ -571,9 +571,7 @@ class PaddingCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        longest = padded_length(features, self.pad_to_multiple_of)
         batch = {
             "input_ids": torch.full((len(features), longest), self.pad_token_id, dtype=torch.long),
             "attention_mask": torch.zeros((len(features), longest), dtype=torch.long),

@@ -106,6 +106,12 @@ def packing_efficiency(rows: list[dict], max_len: int) -> float:
     return sum(len(row["input_ids"]) for row in rows) / (len(rows) * max_len) if rows else 0.0
 
 
+def padded_length(features: list[dict], multiple: int | None) -> int:
+    """The batch's longest row, rounded up to `multiple` (--pad_to_multiple_of) when given."""
+    longest = max(len(f["input_ids"]) for f in features)
+    return -(-longest // multiple) * multiple if multiple else longest
+
+
 class PackedCollator:
     """Stacks packed rows. Rows shorter than the longest are filled with a padding pseudo-sample (positions from 0,
     labels masked), which only attends to itself. No attention_mask: position_ids carry the sample boundaries."""
@@ -115,9 +121,7 @@ class PackedCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        longest = padded_length(features, self.pad_to_multiple_of)
         batch = {name: [] for name in ("input_ids", "labels", "position_ids")}
         for feature in features:
             pad = longest - len(feature["input_ids"])

@@ -195,3 +195,10 @@ def test_tokenizing_in_processes_gives_the_same_samples_and_stats(tmp_path, tiny
     assert two[1].bad_records == 1 and two[1].dropped_too_long > 0
     with pytest.raises(data.DataError, match="d.jsonl:2501: missing field 'response'"):
         data.tokenize_in_processes(records, tiny_tokenizer, data_args(path), processes=2)
+
+
+def test_pad_to_multiple_of_rounds_up_both_collators():
+    padded = data.PaddingCollator(0, pad_to_multiple_of=8)([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}])
+    packed = data.Collator(0, 8)([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "position_ids": [0, 1, 2]}])
+    assert padded["input_ids"].shape == (1, 8) and padded["attention_mask"].sum() == 3
+    assert packed["input_ids"].shape == (1, 8) and packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]

@@ -105,3 +105,19 @@ def test_a_torn_checkpoint_is_skipped_with_a_warning(tmp_path, tiny_model):
     assert result.returncode == 0, result.output[-3000:]
     assert f"ignoring incomplete checkpoint {torn}" in result.output
     assert f"resuming from {out}/checkpoint-10" in result.output
+
+
+def test_overwrite_output_dir_starts_fresh(tmp_path, tiny_model):
+    data_file = write_jsonl(tmp_path / "data.jsonl", instructions(16))
+    out = tmp_path / "out"
+    cmd = command(tiny_model, data_file, str(out), False, SINGLE)
+    cmd[cmd.index("--max_steps") + 1] = "6"
+    assert run(cmd, cwd=str(tmp_path)).returncode == 0
+    stale = out / "checkpoint-999"  # a leftover from some older run must not be resumed either
+    stale.mkdir()
+    (stale / "trainer_state.json").write_text(json.dumps({"global_step": 999}))
+    again = run(cmd + ["--overwrite_output_dir"], cwd=str(tmp_path))
+    assert again.returncode == 0, again.output[-3000:]
+    assert "starting fresh" in again.output and "resuming from" not in again.output
+    assert again.output.count("'loss'") == 6 and not stale.exists()
+    assert json.loads((out / "completed").read_text())["global_step"] == 6
