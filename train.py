@@ -65,6 +65,13 @@ class ModelArguments:
             "choices": ["eager", "sdpa", "flash_attention_2"],
         },
     )
+    llama1_patch: bool = field(
+        default=False,
+        metadata={
+            "help": "For llama-1 checkpoints converted with empty special tokens: apply llama-1-patch/ (bos <s>, eos "
+            "</s>, unk <unk>, pad <unk>, BOS added, EOS not), so training and the saved tokenizer get them right."
+        },
+    )
     pad_token: Optional[str] = field(
         default=None,
         metadata={
@@ -629,6 +636,8 @@ def load_tokenizer(model_args: ModelArguments, data_args: DataArguments):
     except (OSError, ValueError) as error:
         raise UsageError(f"cannot load a tokenizer from {source} ({str(error).splitlines()[0]}); "
                          "pass --tokenizer_name_or_path or add the tokenizer files to the model directory") from error
+    if model_args.llama1_patch:
+        apply_llama1_patch(tokenizer)
     overrides = {
         name: value
         for name, value in (
@@ -659,6 +668,25 @@ def load_tokenizer(model_args: ModelArguments, data_args: DataArguments):
         logger.info("no pad token: padding with %r (masks and labels come from lengths)", tokenizer.pad_token)
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+LLAMA1_PATCH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama-1-patch")
+
+
+def apply_llama1_patch(tokenizer) -> None:
+    """The special tokens and BOS/EOS behaviour of llama-1-patch/ (the files a llama-1 directory should have had)."""
+    with open(os.path.join(LLAMA1_PATCH_DIR, "special_tokens_map.json")) as handle:
+        special = json.load(handle)
+    with open(os.path.join(LLAMA1_PATCH_DIR, "tokenizer_config.json")) as handle:
+        config = json.load(handle)
+    missing = [token for token in special.values() if token not in tokenizer.get_vocab()]
+    if missing:
+        raise UsageError(f"--llama1_patch: the tokenizer has no {missing}; it is not a llama-1 tokenizer")
+    tokenizer.add_special_tokens(special)
+    for name in ("add_bos_token", "add_eos_token"):
+        if hasattr(tokenizer, name):
+            setattr(tokenizer, name, config[name])
+    logger.info("--llama1_patch: special tokens set to %s", special)
 
 
 def build_datasets(data_args: DataArguments, args: TrainingArguments, tokenizer):

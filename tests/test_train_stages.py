@@ -146,3 +146,23 @@ def test_too_little_disk_stops_before_training(tmp_path, tiny_model, data_file, 
     text = caplog.text + capsys.readouterr().err
     assert code == 2 and "GiB free" in text and "--working_dir" in text
     assert not list((tmp_path / "o").glob("checkpoint-*"))
+
+
+def test_llama1_patch_gives_a_llama1_style_tokenizer_the_intended_special_tokens(tmp_path, tiny_model, data_file):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    broken = tmp_path / "llama1"  # converted llama-1 checkpoints shipped empty special tokens
+    shutil.copytree(tiny_model, broken)
+    config = json.loads((broken / "tokenizer_config.json").read_text())
+    config.update(bos_token="", eos_token="", unk_token="")
+    (broken / "tokenizer_config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    result = run(train_py("--model_name_or_path", str(broken), "--dataset", data_file, "--output_dir", str(out),
+                          "--bits", "32", "--lora_r", "2", "--max_steps", "1", "--llama1_patch", "--report_to", "none"),
+                 cwd=str(tmp_path))
+    assert result.returncode == 0, result.output[-3000:]
+    saved = AutoTokenizer.from_pretrained(out)
+    assert (saved.bos_token, saved.eos_token, saved.unk_token, saved.pad_token) == ("<s>", "</s>", "<unk>", "<unk>")
+    assert (saved.bos_token_id, saved.eos_token_id, saved.unk_token_id) == (1, 2, 0)  # existing ids: nothing resized
