@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
-
 import pytest
 import torch
 from conftest import conversations, instructions, run, train_py, write_jsonl
@@ -17,12 +15,11 @@ def airoboros_records(path: str) -> list:
     return [data.Record(r.data, r.where, "airoboros") for r in data.read_records(path)]
 
 
-def data_args(path: str, **overrides) -> SimpleNamespace:
-    values = dict(dataset=[path], dataset_format=["airoboros"], eval_dataset_size=0.0, max_train_samples=None,
-                  max_eval_samples=None, model_max_len=512, excess_length="drop", skip_bad_records=False, train_on_source=False,
-                  include_sources=False, dataset_prepared_path=None, dataset_text_field="text")
-    values.update(overrides)
-    return SimpleNamespace(**values)
+def data_args(path: str, **overrides):
+    """The real DataArguments with their real defaults, so these tests cannot drift from the command line."""
+    from train import DataArguments
+
+    return DataArguments(**({"dataset": [path], "model_max_len": 512} | overrides))
 
 
 @pytest.mark.parametrize(
