@@ -32,6 +32,7 @@ import transformers
 from transformers import HfArgumentParser
 
 import data
+import planning
 from dataset_formats import FORMAT_INFO, FORMATS, end_token_id
 
 logger = logging.getLogger("train")
@@ -223,6 +224,20 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     full_finetune: bool = field(
         default=False, metadata={"help": "Train all weights instead of LoRA adapters; needs --bits 16 or 32."}
+    )
+    dry_run: bool = field(
+        default=False,
+        metadata={
+            "help": "Validate every flag and file, read the model's config (not its weights), tokenize the data "
+            "(nothing is written), log the plan — world size, batch arithmetic, steps, trainable parameters and "
+            "estimated memory per device for weights / gradients / optimizer / activations (derivation in "
+            "planning.py) — and a `plan-json:` line, then exit 0."
+        },
+    )
+    dry_run_world_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "With --dry_run in a single process: plan for this many processes (None: the launcher's "
+                  "world size, 1 without one). The scripts/ recipes pass their GPU count x nodes."},
     )
     bits: int = field(
         default=4,
@@ -503,7 +518,9 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
     for flag, path in (("--output_dir", args.output_dir), ("--working_dir", args.working_dir),
                        ("--merged_output_dir", args.merged_output_dir), ("--dataset_prepared_path", data_args.dataset_prepared_path)):
         check_writable_directory(flag, path)
-    check_zero3_quant_storage(args)
+    check_sharding(args)
+    if args.dry_run_world_size is not None and (not args.dry_run or args.dry_run_world_size < 1):
+        raise UsageError(f"--dry_run_world_size {args.dry_run_world_size}: needs --dry_run and a count >= 1")
     if "wandb" in (args.report_to or []) and not wandb_is_configured():
         raise UsageError(
             "--report_to wandb: no WANDB_API_KEY and no `wandb login`; set WANDB_API_KEY, or WANDB_MODE=offline "
@@ -537,21 +554,32 @@ def wandb_is_configured() -> bool:
     return os.path.isfile(netrc) and "api.wandb.ai" in open(netrc).read()
 
 
-def check_zero3_quant_storage(args: TrainingArguments) -> None:
-    """ZeRO-3 shards parameters by dtype: 4-bit weights must be stored in the dtype of the rest of the model."""
-    if args.bits != 4 or not args.deepspeed:
-        return
-    config = args.deepspeed
-    if isinstance(config, str):
-        with open(config) as handle:
-            config = json.load(handle)
-    if config.get("zero_optimization", {}).get("stage") != 3:
-        return
-    needed = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
-    if args.quant_storage != needed:
+def fsdp_requested(args: TrainingArguments) -> bool:
+    """--fsdp, or `accelerate launch` with an FSDP config (which reaches the Trainer through the environment)."""
+    return bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1")
+
+
+def check_sharding(args: TrainingArguments) -> None:
+    """Combinations of DeepSpeed / FSDP with quantization that would crash late or silently do something else."""
+    fsdp = fsdp_requested(args)
+    ds_stage = planning.deepspeed_settings(args.deepspeed).get("stage", 0) if args.deepspeed else 0
+    if fsdp and not has_accelerator() and not args.dry_run:  # a dry run plans for the GPU machine
         raise UsageError(
-            f"--deepspeed {args.deepspeed} is ZeRO-3 and --bits 4 stores weights as {args.quant_storage}; ZeRO-3 needs "
-            f"them stored like the rest of the model: pass --quant_storage {needed}"
+            "FSDP needs GPUs: without CUDA, transformers and accelerate silently fall back to plain DDP (every rank "
+            "holds the whole model). Shard on CPU with --deepspeed configs/deepspeed-zero3.json instead, or run on GPUs"
+        )
+    if fsdp and args.deepspeed:
+        raise UsageError("FSDP and --deepspeed both requested; pick one (drop --fsdp / the accelerate FSDP config, or --deepspeed)")
+    sharded = "FSDP" if fsdp else f"--deepspeed {args.deepspeed} (ZeRO-3)" if ds_stage == 3 else None
+    if sharded is None:
+        return
+    if args.bits == 8:
+        raise UsageError(f"{sharded} cannot shard bitsandbytes 8-bit weights; use --bits 4 (with --quant_storage) or --bits 16")
+    needed = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
+    if args.bits == 4 and args.quant_storage != needed:
+        raise UsageError(
+            f"{sharded} shards parameters by dtype and --bits 4 stores weights as {args.quant_storage}; they must be "
+            f"stored like the rest of the model: pass --quant_storage {needed}"
         )
 
 
@@ -566,7 +594,7 @@ def check_model_before_writing(model_args: ModelArguments, args: TrainingArgumen
                          f"({str(error).splitlines()[0]}); pass a local model directory or a reachable hub id") from error
     if args.full_finetune or args.lora_modules.strip() == "all":
         return
-    with torch.device("meta"):
+    with torch.device("meta"), planning.without_zero3_init():
         skeleton = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
     lora_target_list(skeleton, args.lora_modules)
 
@@ -717,6 +745,12 @@ def load_model(model_args: ModelArguments, args: TrainingArguments, tokenizer):
         )
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": args.local_process_index}
+    if args.deepspeed and transformers.integrations.is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        # ZeRO-3 shards the weights while they load (zero.Init), sized by deepspeed.comm's world, which the
+        # launcher's process group does not set up by itself: without this every rank would think it is alone.
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     model = transformers.AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **kwargs
     )
@@ -947,6 +981,30 @@ def train(trainer, args: TrainingArguments) -> None:
     trainer.save_metrics("train", result.metrics)
 
 
+def dry_run(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments) -> int:
+    """--dry_run: the same checks and tokenization as a real run, nothing loaded but the config, nothing written."""
+    import torch
+
+    tokenizer = load_tokenizer(model_args, data_args)
+    if data_args.dataset_prepared_path is None:
+        data_args.dataset_prepared_path = os.path.join(args.working_dir or args.output_dir, "prepared_data")
+    seed = args.data_seed if args.data_seed is not None else args.seed
+    train_set, _, _ = data.prepare_datasets(data_args, tokenizer, seed, write=False)
+    config = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    world_size = args.dry_run_world_size or args.world_size
+    plan = planning.make_plan(config, tokenizer, train_set, args, data_args.model_max_len, world_size, model_args.attn_implementation,
+                              fsdp=fsdp_requested(args))
+    logger.info("%s", planning.describe(plan, args))
+    logger.info("plan-json: %s", plan.as_json())
+    if torch.cuda.is_available():
+        capacity = torch.cuda.get_device_properties(args.local_process_index).total_memory / planning.GIB
+        if plan.memory_gib_at_max_len["total"] > 0.9 * capacity:
+            logger.warning("the estimate (%.1f GiB) exceeds 90 %% of this GPU's %.1f GiB: lower "
+                           "--per_device_train_batch_size, add --gradient_checkpointing, use --bits 4 or ZeRO-3",
+                           plan.memory_gib_at_max_len["total"], capacity)
+    return 0
+
+
 def generation_config(gen_args: GenerationArguments, tokenizer, formats: list[str]) -> transformers.GenerationConfig:
     """Saved next to the model: generation stops at the formats' end-of-answer tokens as well as at EOS."""
     stop = sorted({tokenizer.eos_token_id} | {end_token_id(name, tokenizer) for name in formats})
@@ -1034,6 +1092,8 @@ def run(argv: list[str]) -> int:
     model_args, data_args, args, gen_args = parse_arguments(argv)
     protect_secrets(args)
     check_model_before_writing(model_args, args)
+    if args.dry_run:
+        return dry_run(model_args, data_args, args)
     prepare_directories(args)
     transformers.set_seed(args.seed)
     tokenizer = load_tokenizer(model_args, data_args)
