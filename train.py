@@ -32,6 +32,7 @@ import transformers
 from transformers import HfArgumentParser
 
 import data
+import training_knobs
 from dataset_formats import FORMAT_INFO, FORMATS, end_token_id
 
 logger = logging.getLogger("train")
@@ -254,6 +255,24 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={
             "help": "Modules that get LoRA adapters: 'all' = every linear layer except the output head, or a comma "
             "list of module names (e.g. q_proj,v_proj)."
+        },
+    )
+    layers_to_freeze: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Freeze the first N decoder layers, 0 <= N < the model's layer count (None or 0: none). Full "
+            "fine-tune: those layers and the input embeddings below them get requires_grad=False and stay out of "
+            "the optimizer (the embeddings stay trainable when tokens were added, so the new rows can learn; a "
+            "head tied to them freezes with them). LoRA: adapters go only on the layers above N. Excludes "
+            "--layer_freeze_ratio."
+        },
+    )
+    layer_freeze_ratio: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Freeze this fraction of the decoder layers from the bottom, in [0, 1): floor(ratio x layers), "
+            "e.g. 0.5 of 32 -> 16, 0.3 of 10 -> 3, 0.4 of 2 -> 0 (None: none). Otherwise as --layers_to_freeze, "
+            "which it excludes."
         },
     )
     loss_watchdog_threshold: Optional[float] = field(
@@ -487,6 +506,7 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
             raise UsageError(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
         if not args.lora_modules.strip():
             raise UsageError("--lora_modules is empty; use 'all' or a comma list such as q_proj,v_proj")
+    check_training_knobs(model_args, data_args, args)
     if data_args.sample_packing and args.train_sampling_strategy == "group_by_length":
         raise UsageError("--sample_packing already fills rows to --model_max_len; drop --group_by_length")
     if data_args.model_max_len <= 0:
@@ -555,6 +575,17 @@ def check_zero3_quant_storage(args: TrainingArguments) -> None:
         )
 
 
+def check_training_knobs(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments) -> None:
+    """Layer freezing flags, as far as they can be judged without the model."""
+    if args.layers_to_freeze is not None and args.layer_freeze_ratio is not None:
+        raise UsageError("--layers_to_freeze and --layer_freeze_ratio both given; pick one")
+    if args.layers_to_freeze is not None and args.layers_to_freeze < 0:
+        raise UsageError(f"--layers_to_freeze must be >= 0 (got {args.layers_to_freeze})")
+    if args.layer_freeze_ratio is not None and not 0 <= args.layer_freeze_ratio < 1:
+        raise UsageError(f"--layer_freeze_ratio must be in [0, 1) (got {args.layer_freeze_ratio}); "
+                         "for a layer count use --layers_to_freeze N")
+
+
 def check_model_before_writing(model_args: ModelArguments, args: TrainingArguments) -> None:
     """The model exists and the LoRA target names are real, checked on an empty (meta) model before any write."""
     import torch
@@ -564,11 +595,33 @@ def check_model_before_writing(model_args: ModelArguments, args: TrainingArgumen
     except (OSError, ValueError) as error:
         raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load a model config "
                          f"({str(error).splitlines()[0]}); pass a local model directory or a reachable hub id") from error
+    check_knobs_against_model(config, model_args, args)
     if args.full_finetune or args.lora_modules.strip() == "all":
         return
     with torch.device("meta"):
         skeleton = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
     lora_target_list(skeleton, args.lora_modules)
+
+
+def check_knobs_against_model(config, model_args: ModelArguments, args: TrainingArguments) -> None:
+    """Layer freezing needs the layer count and the decoder layer list."""
+    import torch
+
+    layers = config.num_hidden_layers
+    frozen = training_knobs.frozen_layer_count(args.layers_to_freeze, args.layer_freeze_ratio, layers)
+    if frozen:
+        flag, value = (("--layers_to_freeze", args.layers_to_freeze) if args.layers_to_freeze is not None
+                       else ("--layer_freeze_ratio", args.layer_freeze_ratio))
+        if frozen >= layers:
+            raise UsageError(f"{flag} {value} freezes {frozen} layers but the model has {layers} decoder layers; "
+                             f"freeze at most {layers - 1} so that some layer trains")
+        with torch.device("meta"):
+            skeleton = transformers.AutoModelForCausalLM.from_config(
+                config, trust_remote_code=model_args.trust_remote_code)
+        if training_knobs.decoder_layers(skeleton) is None:
+            raise UsageError(f"{flag}: no list of {layers} decoder layers found in {type(skeleton).__name__}; "
+                             f"drop {flag}")
+        logger.info("%s %s: the first %d of %d decoder layers are frozen", flag, value, frozen, layers)
 
 
 def has_accelerator() -> bool:
@@ -735,7 +788,12 @@ def add_adapters(model, args: TrainingArguments, new_tokens: bool):
     With new tokens, the embedding and output layers are trained in full and saved with the adapter."""
     import peft
 
+    frozen = training_knobs.frozen_layer_count(args.layers_to_freeze, args.layer_freeze_ratio,
+                                               model.config.num_hidden_layers)
     if args.full_finetune:
+        if frozen:
+            names = training_knobs.freeze_bottom_layers(model, frozen, new_tokens)
+            logger.info("frozen (requires_grad=False, not in the optimizer): %s", ", ".join(names))
         return model
     checkpointing = bool(args.activation_checkpointing)
     gc_kwargs = args.activation_checkpointing_kwargs or {"use_reentrant": False}
@@ -746,6 +804,7 @@ def add_adapters(model, args: TrainingArguments, new_tokens: bool):
     elif checkpointing:
         model.enable_input_require_grads()
     targets = "all-linear" if args.lora_modules.strip() == "all" else lora_target_list(model, args.lora_modules)
+    targets, layer_limits = training_knobs.lora_layer_limits(model, targets, frozen)
     config = peft.LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
@@ -753,6 +812,7 @@ def add_adapters(model, args: TrainingArguments, new_tokens: bool):
         target_modules=targets,
         modules_to_save=embedding_modules(model) if new_tokens else None,
         task_type="CAUSAL_LM",
+        **layer_limits,
     )
     model = peft.get_peft_model(model, config)
     trainable, total = model.get_nb_trainable_parameters()

@@ -1,0 +1,153 @@
+"""Training knobs, each shown to take effect on the objects it should change: layer freezing. In-process, on the tiny 2-layer model."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import instructions, write_jsonl
+
+import train
+import training_knobs
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    return write_jsonl(tmp_path / "d.jsonl", instructions(8))
+
+
+def build(tiny_model, data_file, tmp_path, *flags):
+    """The stages of run() up to the trainer, with the same checks first."""
+    model_args, data_args, args, gen_args = train.parse_arguments(
+        ["--model_name_or_path", tiny_model, "--dataset", data_file, "--output_dir", str(tmp_path / "o"),
+         "--report_to", "none", "--save_strategy", "no", "--max_steps", "2", *flags]
+    )
+    train.check_model_before_writing(model_args, args)
+    train.prepare_directories(args)
+    tokenizer = train.load_tokenizer(model_args, data_args)
+    model, new_tokens = train.load_model(model_args, args, tokenizer)
+    model = train.add_adapters(model, args, new_tokens)
+    train_set, eval_set, _ = train.build_datasets(data_args, args, tokenizer)
+    trainer = train.build_trainer(model, args, data_args, tokenizer, train_set, eval_set)
+    return SimpleNamespace(trainer=trainer, model=trainer.model, tokenizer=tokenizer, model_args=model_args,
+                           data_args=data_args, args=args, gen_args=gen_args)
+
+
+def exit_code_and_log(argv, caplog, capsys):
+    with caplog.at_level(logging.INFO):
+        try:
+            code = train.main(argv)
+        except SystemExit as exit_:  # argparse's own errors (bad choices) exit 2 too
+            code = exit_.code
+    return code, caplog.text + capsys.readouterr().err
+
+
+def snapshot(model) -> dict:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def optimizer_params(trainer) -> set[int]:
+    return {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+
+
+# --- layer freezing ------------------------------------------------------------------------------------------------------
+
+
+def test_layers_to_freeze_full_finetune_freezes_layer_0_and_the_embeddings_only(tiny_model, data_file, tmp_path):
+    """With reentrant checkpointing too: layer 1's input comes from frozen weights, and without input grads a
+    reentrant checkpoint would silently leave every unfrozen layer without gradients."""
+    built = build(tiny_model, data_file, tmp_path, "--full_finetune", "--bits", "32", "--layers_to_freeze", "1",
+                  "--learning_rate", "1e-2", "--gradient_checkpointing", "--activation_checkpointing_kwargs",
+                  '{"use_reentrant": true}')
+    model, trainer = built.model, built.trainer
+    names = {name for name, _ in model.named_parameters()}
+    frozen = {n for n in names if n.startswith("model.layers.0.") or n == "model.embed_tokens.weight"}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == names - frozen
+    assert len(frozen) == 10 and {"lm_head.weight", "model.norm.weight", "model.layers.1.self_attn.q_proj.weight"} <= trainable
+    before = snapshot(model)
+    trainer.train()
+    after = dict(model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in frozen)  # bit-identical
+    assert all(not torch.equal(before[n], after[n]) for n in trainable)
+    assert optimizer_params(trainer) == {id(after[n]) for n in trainable}
+
+
+LORA_FREEZES = {
+    "ratio-all-linear": ["--bits", "32", "--layer_freeze_ratio", "0.5"],
+    "count-qlora-q-v": ["--bits", "4", "--layers_to_freeze", "1", "--lora_modules", "q_proj,v_proj"],
+}
+
+
+@pytest.mark.parametrize("setup", sorted(LORA_FREEZES))
+def test_lora_with_frozen_layers_puts_adapters_only_above_them(tiny_model, data_file, tmp_path, setup):
+    built = build(tiny_model, data_file, tmp_path, "--lora_r", "2", "--learning_rate", "1e-2", *LORA_FREEZES[setup])
+    model, trainer = built.model, built.trainer
+    modules = {"q_proj", "v_proj"} if "q_proj" in LORA_FREEZES[setup][-1] else {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    expected = {f"base_model.model.model.layers.1.{'self_attn' if m[0] in 'qkvo' else 'mlp'}.{m}.lora_{ab}.default.weight"
+                for m in modules for ab in "AB"}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == expected
+    assert not [name for name, _ in model.named_modules() if ".layers.0." in name and "lora" in name]
+    assert model.peft_config["default"].layers_to_transform == [1]
+    before = snapshot(model)
+    trainer.train()
+    after = dict(model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in after if n not in trainable)
+    assert all(not torch.equal(before[n], after[n]) for n in trainable if "lora_B" in n)  # B starts at 0
+    assert optimizer_params(trainer) == {id(after[n]) for n in trainable}
+
+
+def test_frozen_embeddings_stay_trainable_when_tokens_were_added(tiny_model, data_file, tmp_path):
+    built = build(tiny_model, data_file, tmp_path, "--full_finetune", "--bits", "32", "--layers_to_freeze", "1",
+                  "--pad_token", "<pad>")
+    trainable = {name for name, p in built.model.named_parameters() if p.requires_grad}
+    assert "model.embed_tokens.weight" in trainable  # the new <pad> row must learn
+    assert not [n for n in trainable if n.startswith("model.layers.0.")]
+
+
+def test_freezing_counts_and_picks_layers_by_position(tmp_path):
+    """floor(ratio x layers) without float loss, and layer 1 frozen does not freeze layers 10 and 11 (a name-prefix
+    match would); structure only, so a 12-layer model with hidden 16 is built in memory and never trained."""
+    assert training_knobs.frozen_layer_count(None, 0.29, 100) == 29  # int(0.29 * 100) == 28
+    assert [training_knobs.frozen_layer_count(None, r, n) for r, n in ((0.5, 2), (0.4, 2), (0.3, 10), (0.999, 12))] == [1, 0, 3, 11]
+    assert training_knobs.frozen_layer_count(3, None, 12) == 3 and training_knobs.frozen_layer_count(None, None, 12) == 0
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=12,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    frozen = training_knobs.freeze_bottom_layers(model, 2, new_tokens=False)
+    assert frozen == ["layers.0", "layers.1", "input embeddings", "output head (tied to the input embeddings)"]
+    trainable_layers = {int(n.split(".")[2]) for n, p in model.named_parameters() if p.requires_grad and ".layers." in n}
+    assert trainable_layers == set(range(2, 12))
+    targets, limits = training_knobs.lora_layer_limits(model, "all-linear", 2)
+    assert limits == {"layers_to_transform": list(range(2, 12)), "layers_pattern": "layers"}
+    assert set(targets) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+BAD_KNOBS = [
+    (["--layers_to_freeze", "-1"], "--layers_to_freeze must be >= 0"),
+    (["--layers_to_freeze", "2"], "--layers_to_freeze 2 freezes 2 layers but the model has 2 decoder layers"),
+    (["--layers_to_freeze", "5", "--full_finetune", "--bits", "32"], "--layers_to_freeze 5 freezes 5 layers"),
+    (["--layer_freeze_ratio", "1.0"], "--layer_freeze_ratio must be in [0, 1)"),
+    (["--layer_freeze_ratio", "-0.5"], "--layer_freeze_ratio must be in [0, 1)"),
+    (["--layers_to_freeze", "1", "--layer_freeze_ratio", "0.5"], "--layers_to_freeze and --layer_freeze_ratio both given"),
+]
+
+
+@pytest.mark.parametrize(("flags", "message"), BAD_KNOBS)
+def test_bad_knob_values_exit_2_naming_the_flag_and_write_nothing(tiny_model, data_file, tmp_path, caplog, capsys, flags, message):
+    out = tmp_path / "out"
+    code, text = exit_code_and_log(["--model_name_or_path", tiny_model, "--dataset", data_file, "--output_dir", str(out),
+                                    "--report_to", "none", *flags], caplog, capsys)
+    assert code == 2 and message in text, text[-2000:]
+    assert not out.exists()
+
+
+def test_help_documents_the_knobs():
+    text = train.build_parser().format_help()
+    for flag in ("--layers_to_freeze", "--layer_freeze_ratio"):
+        assert flag in text
