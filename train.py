@@ -34,6 +34,7 @@ from transformers import HfArgumentParser
 import data
 import training_knobs
 from dataset_formats import FORMAT_INFO, FORMATS, end_token_id
+from training_knobs import ROPE_SCALING_TYPES
 
 logger = logging.getLogger("train")
 
@@ -83,6 +84,25 @@ class ModelArguments:
     bos_token: Optional[str] = field(default=None, metadata={"help": "Override the BOS token (None: keep)."})
     eos_token: Optional[str] = field(default=None, metadata={"help": "Override the EOS token (None: keep)."})
     unk_token: Optional[str] = field(default=None, metadata={"help": "Override the unk token (None: keep)."})
+    rope_scaling_type: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Replace the model's RoPE scaling to stretch its context (needs --rope_scaling_factor; None: keep "
+            "the config's). linear: positions divided by the factor; dynamic: NTK-aware, identical to no scaling up "
+            "to the model's max_position_embeddings and rescaled on the fly beyond it (so training on shorter "
+            "samples sees plain RoPE); yarn: only the low frequencies are interpolated and attention is scaled by "
+            "0.1*ln(factor)+1. linear and yarn set max_position_embeddings to the pretrained length x factor. "
+            "Applied before the model loads, so the saved full model and the --merged_output_dir model carry it "
+            "(an adapter alone does not: load its base with the same rope_parameters). llama3 and longrope need "
+            "more parameters than a factor: edit the model's config.json for those.",
+            "choices": list(ROPE_SCALING_TYPES),
+        },
+    )
+    rope_scaling_factor: Optional[float] = field(
+        default=None,
+        metadata={"help": "RoPE scaling factor, > 1: the usable context becomes about factor x the pretrained "
+                  "length. Needs --rope_scaling_type (None: no override)."},
+    )
 
 
 @dataclass
@@ -576,7 +596,7 @@ def check_zero3_quant_storage(args: TrainingArguments) -> None:
 
 
 def check_training_knobs(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments) -> None:
-    """Layer freezing flags, as far as they can be judged without the model."""
+    """Freezing and RoPE scaling flags, as far as they can be judged without the model."""
     if args.layers_to_freeze is not None and args.layer_freeze_ratio is not None:
         raise UsageError("--layers_to_freeze and --layer_freeze_ratio both given; pick one")
     if args.layers_to_freeze is not None and args.layers_to_freeze < 0:
@@ -584,9 +604,17 @@ def check_training_knobs(model_args: ModelArguments, data_args: DataArguments, a
     if args.layer_freeze_ratio is not None and not 0 <= args.layer_freeze_ratio < 1:
         raise UsageError(f"--layer_freeze_ratio must be in [0, 1) (got {args.layer_freeze_ratio}); "
                          "for a layer count use --layers_to_freeze N")
+    if (model_args.rope_scaling_type is None) != (model_args.rope_scaling_factor is None):
+        given, missing = (("--rope_scaling_type", "--rope_scaling_factor F (> 1)") if model_args.rope_scaling_type
+                          else ("--rope_scaling_factor", f"--rope_scaling_type ({'|'.join(ROPE_SCALING_TYPES)})"))
+        raise UsageError(f"{given} needs {missing}; give both or neither")
+    if model_args.rope_scaling_factor is not None and not model_args.rope_scaling_factor > 1:
+        raise UsageError(f"--rope_scaling_factor must be > 1 (got {model_args.rope_scaling_factor}); 1 means no "
+                         "scaling: drop --rope_scaling_type and --rope_scaling_factor")
 
 
-def check_model_before_writing(model_args: ModelArguments, args: TrainingArguments) -> None:
+def check_model_before_writing(model_args: ModelArguments, args: TrainingArguments,
+                               data_args: Optional[DataArguments] = None) -> None:
     """The model exists and the LoRA target names are real, checked on an empty (meta) model before any write."""
     import torch
 
@@ -595,7 +623,7 @@ def check_model_before_writing(model_args: ModelArguments, args: TrainingArgumen
     except (OSError, ValueError) as error:
         raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load a model config "
                          f"({str(error).splitlines()[0]}); pass a local model directory or a reachable hub id") from error
-    check_knobs_against_model(config, model_args, args)
+    check_knobs_against_model(config, model_args, args, data_args.model_max_len if data_args else None)
     if args.full_finetune or args.lora_modules.strip() == "all":
         return
     with torch.device("meta"):
@@ -603,8 +631,11 @@ def check_model_before_writing(model_args: ModelArguments, args: TrainingArgumen
     lora_target_list(skeleton, args.lora_modules)
 
 
-def check_knobs_against_model(config, model_args: ModelArguments, args: TrainingArguments) -> None:
-    """Layer freezing needs the layer count and the decoder layer list."""
+def check_knobs_against_model(config, model_args: ModelArguments, args: TrainingArguments,
+                              model_max_len: Optional[int]) -> None:
+    """Layer freezing needs the layer count and the decoder layer list; RoPE scaling needs rope_parameters."""
+    import copy
+
     import torch
 
     layers = config.num_hidden_layers
@@ -622,6 +653,25 @@ def check_knobs_against_model(config, model_args: ModelArguments, args: Training
             raise UsageError(f"{flag}: no list of {layers} decoder layers found in {type(skeleton).__name__}; "
                              f"drop {flag}")
         logger.info("%s %s: the first %d of %d decoder layers are frozen", flag, value, frozen, layers)
+    if model_args.rope_scaling_type:
+        rope = getattr(config, "rope_parameters", None)
+        if not isinstance(rope, dict) or "rope_theta" not in rope:
+            raise UsageError(f"--rope_scaling_type: this model ({config.model_type}) has no single set of RoPE "
+                             "parameters to scale (no RoPE, or one per layer type); drop the --rope_scaling flags")
+        original = training_knobs.pretrained_context(config)
+        scaled = training_knobs.apply_rope_scaling(copy.deepcopy(config), model_args.rope_scaling_type,
+                                                   model_args.rope_scaling_factor)
+        logger.info("RoPE %s x%g: context %d -> %d positions (--model_max_len %s)", model_args.rope_scaling_type,
+                    model_args.rope_scaling_factor, original, scaled, model_max_len)
+        if model_max_len and model_max_len > scaled:
+            logger.warning("--model_max_len %d is beyond the scaled context of %d positions", model_max_len, scaled)
+        if model_args.rope_scaling_type == "dynamic" and model_max_len and model_max_len <= original:
+            logger.warning("--rope_scaling_type dynamic changes nothing up to %d positions, so training on at most "
+                           "--model_max_len %d sees plain RoPE; only longer inputs at inference are rescaled",
+                           original, model_max_len)
+        if not args.full_finetune and not args.merged_output_dir:
+            logger.warning("--rope_scaling_type with an adapter and no --merged_output_dir: the adapter does not carry "
+                           "the scaling; load its base with the same rope_parameters, or pass --merged_output_dir")
 
 
 def has_accelerator() -> bool:
@@ -770,6 +820,7 @@ def load_model(model_args: ModelArguments, args: TrainingArguments, tokenizer):
         )
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": args.local_process_index}
+    kwargs["config"] = training_knobs.rope_scaled_config(model_args)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **kwargs
     )
@@ -1044,7 +1095,8 @@ def merge_adapter(model_args: ModelArguments, args: TrainingArguments, tokenizer
 
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     base = transformers.AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path, dtype=dtype, trust_remote_code=model_args.trust_remote_code
+        model_args.model_name_or_path, dtype=dtype, trust_remote_code=model_args.trust_remote_code,
+        config=training_knobs.rope_scaled_config(model_args),
     )
     if len(tokenizer) != base.get_input_embeddings().weight.shape[0]:
         base.resize_token_embeddings(len(tokenizer))
@@ -1093,7 +1145,7 @@ def protect_secrets(args: TrainingArguments) -> None:
 def run(argv: list[str]) -> int:
     model_args, data_args, args, gen_args = parse_arguments(argv)
     protect_secrets(args)
-    check_model_before_writing(model_args, args)
+    check_model_before_writing(model_args, args, data_args)
     prepare_directories(args)
     transformers.set_seed(args.seed)
     tokenizer = load_tokenizer(model_args, data_args)

@@ -1,7 +1,7 @@
-"""Mechanics of a training knob that reaches into the model's structure: layer freezing.
+"""Mechanics of two training knobs that reach into the model's structure: layer freezing and RoPE scaling overrides.
 
-It lives here, not in train.py, because it needs architecture details (which ModuleList holds the decoder layers,
-which layers peft may target) that would crowd the stage functions.
+They live here, not in train.py, because each needs architecture details (which ModuleList holds the decoder layers,
+how transformers 5 stores `rope_parameters`, which layers peft may target) that would crowd the stage functions.
 train.py owns the flags, checks them (UsageError) and calls these at load time; nothing here reads the command line.
 """
 
@@ -12,6 +12,9 @@ import math
 from typing import Optional
 
 logger = logging.getLogger(__name__)
+
+# Scaling types that one factor fully defines (transformers' ROPE_INIT_FUNCTIONS); llama3 and longrope need more.
+ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn")
 
 
 # --- layer freezing --------------------------------------------------------------------------------------------------
@@ -73,3 +76,51 @@ def lora_layer_limits(model, targets, count: int):
             if isinstance(module, torch.nn.Linear) or "Linear" in type(module).__name__
         })
     return targets, {"layers_to_transform": list(range(count, len(layers))), "layers_pattern": layer_attr}
+
+
+# --- RoPE scaling ------------------------------------------------------------------------------------------------------
+
+
+def pretrained_context(config) -> int:
+    """The context the model was pretrained with, even when its config already carries a scaling."""
+    current = config.rope_parameters or {}
+    if current.get("original_max_position_embeddings"):
+        return int(current["original_max_position_embeddings"])
+    if current.get("rope_type") == "linear" and current.get("factor"):
+        return int(config.max_position_embeddings / current["factor"])
+    return int(config.max_position_embeddings)
+
+
+def apply_rope_scaling(config, rope_type: str, factor: float) -> int:
+    """Replace the config's RoPE scaling in place; returns the scaled context length. linear and yarn also raise
+    max_position_embeddings to pretrained x factor (what such checkpoints ship with). dynamic must keep it: it is
+    the length above which dynamic NTK starts rescaling."""
+    original = pretrained_context(config)
+    previous = dict(config.rope_parameters)
+    parameters = {"rope_type": rope_type, "factor": float(factor), "rope_theta": previous["rope_theta"]}
+    if "partial_rotary_factor" in previous:
+        parameters["partial_rotary_factor"] = previous["partial_rotary_factor"]
+    if rope_type == "yarn":
+        parameters["original_max_position_embeddings"] = original
+    scaled = int(original * factor)
+    if rope_type != "dynamic":
+        config.max_position_embeddings = scaled
+    if previous.get("rope_type", "default") != "default":
+        logger.warning("the model's own RoPE scaling %s is replaced by --rope_scaling_type %s", previous, rope_type)
+    config.rope_parameters = parameters
+    config.validate_rope()
+    return scaled
+
+
+def rope_scaled_config(model_args):
+    """The model's config with --rope_scaling_type/--rope_scaling_factor applied, for from_pretrained(config=...);
+    None when there is no override (from_pretrained then reads the config itself)."""
+    if model_args.rope_scaling_type is None:
+        return None
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+    )
+    apply_rope_scaling(config, model_args.rope_scaling_type, model_args.rope_scaling_factor)
+    return config

@@ -1,8 +1,10 @@
-"""Training knobs, each shown to take effect on the objects it should change: layer freezing. In-process, on the tiny 2-layer model."""
+"""Training knobs, each shown to take effect on the objects it should change: layer freezing and RoPE scaling
+overrides. In-process, on the tiny 2-layer model."""
 
 from __future__ import annotations
 
 import logging
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -24,7 +26,7 @@ def build(tiny_model, data_file, tmp_path, *flags):
         ["--model_name_or_path", tiny_model, "--dataset", data_file, "--output_dir", str(tmp_path / "o"),
          "--report_to", "none", "--save_strategy", "no", "--max_steps", "2", *flags]
     )
-    train.check_model_before_writing(model_args, args)
+    train.check_model_before_writing(model_args, args, data_args)
     train.prepare_directories(args)
     tokenizer = train.load_tokenizer(model_args, data_args)
     model, new_tokens = train.load_model(model_args, args, tokenizer)
@@ -135,6 +137,11 @@ BAD_KNOBS = [
     (["--layer_freeze_ratio", "1.0"], "--layer_freeze_ratio must be in [0, 1)"),
     (["--layer_freeze_ratio", "-0.5"], "--layer_freeze_ratio must be in [0, 1)"),
     (["--layers_to_freeze", "1", "--layer_freeze_ratio", "0.5"], "--layers_to_freeze and --layer_freeze_ratio both given"),
+    (["--rope_scaling_type", "linear"], "--rope_scaling_type needs --rope_scaling_factor"),
+    (["--rope_scaling_factor", "2"], "--rope_scaling_factor needs --rope_scaling_type (linear|dynamic|yarn)"),
+    (["--rope_scaling_type", "yarn", "--rope_scaling_factor", "1"], "--rope_scaling_factor must be > 1 (got 1.0)"),
+    (["--rope_scaling_type", "linear", "--rope_scaling_factor", "0.5"], "--rope_scaling_factor must be > 1"),
+    (["--rope_scaling_type", "llama3", "--rope_scaling_factor", "2"], "invalid choice: 'llama3'"),
 ]
 
 
@@ -147,7 +154,74 @@ def test_bad_knob_values_exit_2_naming_the_flag_and_write_nothing(tiny_model, da
     assert not out.exists()
 
 
+def test_rope_scaling_on_a_model_without_rope_is_a_usage_error(tmp_path, data_file, caplog, capsys):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64).save_pretrained(tmp_path / "gpt2")
+    code, text = exit_code_and_log(["--model_name_or_path", str(tmp_path / "gpt2"), "--dataset", data_file,
+                                    "--output_dir", str(tmp_path / "out"), "--rope_scaling_type", "linear",
+                                    "--rope_scaling_factor", "2"], caplog, capsys)
+    assert code == 2 and "--rope_scaling_type: this model (gpt2) has no single set of RoPE parameters" in text
+
+
 def test_help_documents_the_knobs():
     text = train.build_parser().format_help()
-    for flag in ("--layers_to_freeze", "--layer_freeze_ratio"):
+    for flag in ("--layers_to_freeze", "--layer_freeze_ratio", "--rope_scaling_type", "--rope_scaling_factor"):
         assert flag in text
+    assert "{linear,dynamic,yarn}" in text
+
+
+# --- RoPE scaling --------------------------------------------------------------------------------------------------------
+
+
+def rotary(tiny_model, data_file, tmp_path, *flags):
+    model_args, data_args, args, _ = train.parse_arguments(
+        ["--model_name_or_path", tiny_model, "--dataset", data_file, "--output_dir", str(tmp_path / "o"), "--bits", "32", *flags])
+    train.check_model_before_writing(model_args, args, data_args)
+    model, _ = train.load_model(model_args, args, train.load_tokenizer(model_args, data_args))
+    return model
+
+
+def test_rope_scaling_changes_the_rotary_frequencies_as_each_type_defines(tiny_model, data_file, tmp_path):
+    plain = rotary(tiny_model, data_file, tmp_path).model.rotary_emb
+    factor = 4.0
+    linear = rotary(tiny_model, data_file, tmp_path, "--rope_scaling_type", "linear", "--rope_scaling_factor", "4")
+    assert torch.allclose(linear.model.rotary_emb.inv_freq, plain.inv_freq / factor, rtol=1e-6, atol=0)
+    assert linear.model.rotary_emb.attention_scaling == 1.0 and linear.config.max_position_embeddings == 4 * 4096
+
+    yarn = rotary(tiny_model, data_file, tmp_path, "--rope_scaling_type", "yarn", "--rope_scaling_factor", "4")
+    ratio = yarn.model.rotary_emb.inv_freq / plain.inv_freq
+    # high frequencies (short wavelengths) extrapolate unchanged, low ones are interpolated by the factor
+    assert ratio[0].item() == pytest.approx(1.0, abs=1e-6) and ratio[-1].item() == pytest.approx(1 / factor, rel=1e-6)
+    assert ((ratio[1:] <= ratio[:-1] + 1e-7).all() and (ratio >= 1 / factor - 1e-7).all())
+    assert yarn.model.rotary_emb.attention_scaling == pytest.approx(0.1 * math.log(factor) + 1.0)
+    assert yarn.config.rope_parameters["original_max_position_embeddings"] == 4096
+
+    dynamic = rotary(tiny_model, data_file, tmp_path, "--rope_scaling_type", "dynamic", "--rope_scaling_factor", "4")
+    embedding = dynamic.model.rotary_emb
+    assert torch.equal(embedding.inv_freq, plain.inv_freq) and dynamic.config.max_position_embeddings == 4096
+    length, dim = 8192, dynamic.config.head_dim  # beyond 4096 positions NTK raises the base
+    embedding(torch.zeros(1, 1, dim), torch.arange(length)[None])
+    base = 10000.0 * (factor * length / 4096 - (factor - 1)) ** (dim / (dim - 2))
+    expected = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
+    assert torch.allclose(embedding.inv_freq, expected, rtol=1e-5, atol=0)
+
+
+def test_rope_scaling_is_saved_with_the_full_model_and_the_merged_model(tiny_model, data_file, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    flags = ("--rope_scaling_type", "linear", "--rope_scaling_factor", "2")
+    full = build(tiny_model, data_file, tmp_path / "full", "--full_finetune", "--bits", "32", *flags)
+    full.trainer.save_model(str(tmp_path / "full-model"))
+    saved = AutoConfig.from_pretrained(tmp_path / "full-model")
+    assert (saved.rope_parameters["rope_type"], saved.rope_parameters["factor"], saved.max_position_embeddings) == ("linear", 2.0, 8192)
+
+    lora = build(tiny_model, data_file, tmp_path / "lora", "--bits", "32", "--lora_r", "2",
+                 "--merged_output_dir", str(tmp_path / "merged"), *flags)
+    lora.trainer.save_model(lora.args.final_output_dir)
+    gen_config = train.generation_config(lora.gen_args, lora.tokenizer, lora.data_args.dataset_format)
+    train.merge_adapter(lora.model_args, lora.args, lora.tokenizer, gen_config)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.config.rope_parameters["rope_type"] == "linear" and merged.config.rope_parameters["factor"] == 2.0
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert torch.allclose(merged.model.rotary_emb.inv_freq, plain.model.rotary_emb.inv_freq / 2, rtol=1e-6, atol=0)
