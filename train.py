@@ -295,6 +295,15 @@ class TrainingArguments(transformers.TrainingArguments):
             "which it excludes."
         },
     )
+    neftune_noise_alpha: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "NEFTune: while training (not in eval or generation), add uniform noise in +-alpha/sqrt(L*d) to "
+            "the input embeddings, d = hidden size, L = the batch's padded length (as in the reference code, so a "
+            "sample padded to a longer neighbour gets less). With --sample_packing L is the packed row, so each "
+            "sample gets about sqrt(samples per row) times less noise than unpacked. > 0; typical 5 to 15 (None: off)."
+        },
+    )
     loss_watchdog_threshold: Optional[float] = field(
         default=None,
         metadata={"help": "Stop when the logged loss stays above this for --loss_watchdog_patience logs (None: only "
@@ -596,7 +605,7 @@ def check_zero3_quant_storage(args: TrainingArguments) -> None:
 
 
 def check_training_knobs(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments) -> None:
-    """Freezing and RoPE scaling flags, as far as they can be judged without the model."""
+    """Freezing, RoPE scaling, NEFTune and optimizer flags, as far as they can be judged without the model."""
     if args.layers_to_freeze is not None and args.layer_freeze_ratio is not None:
         raise UsageError("--layers_to_freeze and --layer_freeze_ratio both given; pick one")
     if args.layers_to_freeze is not None and args.layers_to_freeze < 0:
@@ -611,6 +620,35 @@ def check_training_knobs(model_args: ModelArguments, data_args: DataArguments, a
     if model_args.rope_scaling_factor is not None and not model_args.rope_scaling_factor > 1:
         raise UsageError(f"--rope_scaling_factor must be > 1 (got {model_args.rope_scaling_factor}); 1 means no "
                          "scaling: drop --rope_scaling_type and --rope_scaling_factor")
+    if args.neftune_noise_alpha is not None and not args.neftune_noise_alpha > 0:
+        raise UsageError(f"--neftune_noise_alpha must be > 0 (got {args.neftune_noise_alpha}); "
+                         "drop it to train without noise")
+    if args.neftune_noise_alpha is not None and data_args.sample_packing:
+        logger.info("--neftune_noise_alpha with --sample_packing: the noise scale alpha/sqrt(L*d) uses the packed row "
+                    "length L, so each sample gets less noise than it would unpacked")
+    check_deepspeed_overrides(args)
+
+
+def check_deepspeed_overrides(args: TrainingArguments) -> None:
+    """A DeepSpeed config with its own "optimizer" or "scheduler" section wins: the Trainer then ignores --optim or
+    --lr_scheduler_type without a word. A flag set away from its default is an error; otherwise say which is used."""
+    if not args.deepspeed:
+        return
+    config = args.deepspeed
+    if isinstance(config, str):
+        with open(config) as handle:
+            config = json.load(handle)
+    for section, flag, name in (("optimizer", "--optim", "optim"),
+                                ("scheduler", "--lr_scheduler_type", "lr_scheduler_type")):
+        if section not in config:
+            continue
+        kind = config[section].get("type", "?") if isinstance(config[section], dict) else "?"
+        value = getattr(getattr(args, name), "value", getattr(args, name))
+        if value != TrainingArguments.__dataclass_fields__[name].default:
+            raise UsageError(f"{flag} {value} would be ignored: --deepspeed {args.deepspeed} has its own \"{section}\" "
+                             f"({kind}); drop {flag}, or delete that section to use {flag}")
+        logger.warning("--deepspeed %s has its own \"%s\" (%s): it is used instead of %s %s",
+                       args.deepspeed, section, kind, flag, value)
 
 
 def check_model_before_writing(model_args: ModelArguments, args: TrainingArguments,

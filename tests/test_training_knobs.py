@@ -1,15 +1,17 @@
-"""Training knobs, each shown to take effect on the objects it should change: layer freezing and RoPE scaling
-overrides. In-process, on the tiny 2-layer model."""
+"""Training knobs, each shown to take effect on the objects it should change: NEFTune noise, layer freezing, RoPE
+scaling overrides, the optimizer choice and its DeepSpeed interaction. In-process, on the tiny 2-layer model."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import instructions, write_jsonl
+from conftest import ROOT, instructions, write_jsonl
 
 import train
 import training_knobs
@@ -52,6 +54,55 @@ def snapshot(model) -> dict:
 
 def optimizer_params(trainer) -> set[int]:
     return {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+
+
+# --- NEFTune -----------------------------------------------------------------------------------------------------------
+
+NEFTUNE_SETUPS = {
+    "full-finetune": ["--full_finetune", "--bits", "32"],
+    "lora-new-token": ["--bits", "32", "--lora_r", "2", "--pad_token", "<pad>"],  # embeddings in modules_to_save
+    "qlora-packed": ["--bits", "4", "--lora_r", "2", "--sample_packing", "--model_max_len", "64"],
+}
+
+
+@pytest.mark.parametrize("setup", sorted(NEFTUNE_SETUPS))
+def test_neftune_noise_has_the_expected_scale_in_training_and_none_in_eval(tiny_model, data_file, tmp_path, setup):
+    alpha = 5.0
+    built = build(tiny_model, data_file, tmp_path, "--neftune_noise_alpha", str(alpha), "--eval_dataset_size", "2",
+                  "--eval_strategy", "steps", "--eval_steps", "1", *NEFTUNE_SETUPS[setup])
+    model = built.model
+    embeddings = model.get_input_embeddings()
+    _, layers = training_knobs.decoder_layers(model)
+    forwards = []
+    # registered before the Trainer adds its NEFTune hook, so this one sees the clean embeddings
+    embeddings.register_forward_hook(lambda m, i, out: forwards.append({"training": m.training, "clean": out.detach().clone()}))
+
+    def first_layer_input(module, args, kwargs):
+        forwards[-1]["noisy"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+        forwards[-1]["positions"] = kwargs.get("position_ids")
+
+    layers[0].register_forward_pre_hook(first_layer_input, with_kwargs=True)
+    built.trainer.train()
+    training = [f for f in forwards if f["training"]]
+    evaluation = [f for f in forwards if not f["training"]]
+    assert len(training) == 2 and len(evaluation) >= 1
+    for forward in training:
+        noise = forward["noisy"] - forward["clean"]
+        length, hidden = noise.shape[1], noise.shape[2]
+        bound = alpha / math.sqrt(length * hidden)  # uniform in [-bound, bound]: std bound/sqrt(3)
+        assert noise.abs().max().item() <= bound * (1 + 1e-4)
+        assert noise.abs().max().item() > 0.95 * bound
+        assert abs(noise.std().item() / (bound / math.sqrt(3)) - 1) < 0.05
+    for forward in evaluation:
+        assert torch.equal(forward["noisy"], forward["clean"])
+    if setup == "qlora-packed":  # L is the packed row: it holds several samples (positions restart inside it)
+        positions = training[0]["positions"][0]
+        assert (positions[1:] == 0).any()
+    forwards.clear()
+    model.train()  # the hook is gone after training: no noise even in train mode (e.g. generating afterwards)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 5, 6, 7]]))
+    assert torch.equal(forwards[0]["noisy"], forwards[0]["clean"])
 
 
 # --- layer freezing ------------------------------------------------------------------------------------------------------
@@ -142,6 +193,8 @@ BAD_KNOBS = [
     (["--rope_scaling_type", "yarn", "--rope_scaling_factor", "1"], "--rope_scaling_factor must be > 1 (got 1.0)"),
     (["--rope_scaling_type", "linear", "--rope_scaling_factor", "0.5"], "--rope_scaling_factor must be > 1"),
     (["--rope_scaling_type", "llama3", "--rope_scaling_factor", "2"], "invalid choice: 'llama3'"),
+    (["--neftune_noise_alpha", "0"], "--neftune_noise_alpha must be > 0"),
+    (["--neftune_noise_alpha", "-5"], "--neftune_noise_alpha must be > 0"),
 ]
 
 
@@ -166,9 +219,10 @@ def test_rope_scaling_on_a_model_without_rope_is_a_usage_error(tmp_path, data_fi
 
 def test_help_documents_the_knobs():
     text = train.build_parser().format_help()
-    for flag in ("--layers_to_freeze", "--layer_freeze_ratio", "--rope_scaling_type", "--rope_scaling_factor"):
+    for flag in ("--layers_to_freeze", "--layer_freeze_ratio", "--rope_scaling_type", "--rope_scaling_factor",
+                 "--neftune_noise_alpha"):
         assert flag in text
-    assert "{linear,dynamic,yarn}" in text
+    assert "{linear,dynamic,yarn}" in text and "packed row" in text
 
 
 # --- RoPE scaling --------------------------------------------------------------------------------------------------------
@@ -225,3 +279,62 @@ def test_rope_scaling_is_saved_with_the_full_model_and_the_merged_model(tiny_mod
     assert merged.config.rope_parameters["rope_type"] == "linear" and merged.config.rope_parameters["factor"] == 2.0
     plain = AutoModelForCausalLM.from_pretrained(tiny_model)
     assert torch.allclose(merged.model.rotary_emb.inv_freq, plain.model.rotary_emb.inv_freq / 2, rtol=1e-6, atol=0)
+
+
+# --- optimizers ----------------------------------------------------------------------------------------------------------
+
+
+def optimizer_expectations():
+    import bitsandbytes as bnb
+    from transformers.optimization import Adafactor
+
+    # optim -> (class the Trainer builds, bits, paged, state key and dtype on an 8192-element linear weight)
+    return {
+        "adamw_torch": (torch.optim.AdamW, None, None, ("exp_avg", torch.float32)),
+        "paged_adamw_32bit": (bnb.optim.AdamW, 32, True, ("state1", torch.float32)),  # paging falls back on CPU
+        "adamw_bnb_8bit": (bnb.optim.AdamW, 8, False, ("state1", torch.uint8)),
+        "lion_8bit": (bnb.optim.Lion, 8, False, ("state1", torch.uint8)),
+        "adafactor": (Adafactor, None, None, ("exp_avg_sq_row", torch.float32)),  # factored second moment
+    }
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "paged_adamw_32bit", "adamw_bnb_8bit", "lion_8bit", "adafactor"])
+def test_each_optimizer_is_the_one_built_and_moves_the_weights(tiny_model, data_file, tmp_path, optim):
+    cls, bits, paged, (state_key, state_dtype) = optimizer_expectations()[optim]
+    built = build(tiny_model, data_file, tmp_path, "--full_finetune", "--bits", "32", "--optim", optim,
+                  "--learning_rate", "1e-3")
+    before = snapshot(built.model)
+    built.trainer.train()
+    optimizer = built.trainer.optimizer.optimizer  # inside accelerate's wrapper
+    assert type(optimizer) is cls
+    if bits is not None:
+        assert optimizer.args.optim_bits == bits and optimizer.is_paged == paged
+    weight = built.model.model.layers[1].mlp.gate_proj.weight
+    assert optimizer.state[weight][state_key].dtype == state_dtype
+    if bits == 8:  # the Trainer keeps embeddings at 32-bit state for stability
+        assert optimizer.state[built.model.get_input_embeddings().weight]["state1"].dtype == torch.float32
+    moved = [n for n, p in built.model.named_parameters() if not torch.equal(before[n], p.detach())]
+    assert sorted(moved) == sorted(before)
+
+
+def deepspeed_config(tmp_path, **sections) -> str:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
+                                "gradient_accumulation_steps": "auto", **sections}))
+    return str(path)
+
+
+def test_deepspeed_optimizer_section_rejects_an_explicit_optim_and_names_itself_otherwise(tiny_model, data_file, tmp_path, caplog):
+    base = ["--model_name_or_path", tiny_model, "--dataset", data_file, "--output_dir", str(tmp_path / "o")]
+    own = deepspeed_config(tmp_path, optimizer={"type": "AdamW", "params": {"lr": "auto"}},
+                           scheduler={"type": "WarmupLR", "params": {}})
+    with pytest.raises(train.UsageError, match='--optim adafactor would be ignored: --deepspeed .* has its own "optimizer" '
+                                               r'\(AdamW\); drop --optim'):
+        train.parse_arguments(base + ["--deepspeed", own, "--optim", "adafactor"])
+    with pytest.raises(train.UsageError, match="--lr_scheduler_type cosine would be ignored"):
+        train.parse_arguments(base + ["--deepspeed", own, "--lr_scheduler_type", "cosine"])
+    with caplog.at_level(logging.WARNING):
+        train.parse_arguments(base + ["--deepspeed", own])
+    assert 'has its own "optimizer" (AdamW): it is used instead of --optim' in caplog.text
+    _, _, args, _ = train.parse_arguments(base + ["--deepspeed", os.path.join(ROOT, "deepspeed-7b.json"), "--optim", "adafactor"])
+    assert args.optim.value == "adafactor"  # the repo's config has no optimizer section: --optim is used
