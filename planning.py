@@ -25,7 +25,7 @@ How the estimate is derived (bytes per device; p = bytes of the compute dtype: 2
   p x heads x length with eager attention (the probabilities; sdpa/flash keep none), plus the LoRA A outputs
   (p x r per adapted layer) and, with --lora_dropout, the dropped inputs (p + 1 per input feature). The loss keeps
   the logits and an fp32 copy: (p + 4) x vocab. With --gradient_checkpointing a layer keeps only its input (p x h)
-  and one layer is recomputed at a time. Checked on the tiny model against the bytes actually allocated in a
+  and one layer is recomputed at a time. Frozen bottom layers (--layers_to_freeze) keep nothing. Checked on the tiny model against the bytes actually allocated in a
   forward pass (tests/test_planning.py).
 Not counted: the CUDA context and allocator slack (typically 1-3 GiB), communication buckets, eval batches.
 """
@@ -37,6 +37,8 @@ import json
 import logging
 import math
 from dataclasses import asdict, dataclass
+
+import training_knobs
 
 logger = logging.getLogger("train.planning")
 
@@ -106,15 +108,26 @@ def count_parameters(config, vocab_size: int, args, new_tokens: bool) -> Paramet
         if vocab_size > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(vocab_size)
     head = model.get_output_embeddings()
-    linears = {name: module for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear) and module is not head}
-    total = sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
-    quantizable = sum(m.weight.numel() for m in linears.values())
+    frozen = training_knobs.frozen_layer_count(getattr(args, "layers_to_freeze", None),
+                                               getattr(args, "layer_freeze_ratio", None), config.num_hidden_layers)
     if args.full_finetune:
+        if frozen:
+            training_knobs.freeze_bottom_layers(model, frozen, new_tokens)
+        total = sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
+        quantizable = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return ParameterCounts(total, quantizable, trainable, 0, 0)
+    in_frozen_layers = set()
+    if frozen:
+        _, layers = training_knobs.decoder_layers(model)
+        in_frozen_layers = {id(m) for layer in list(layers)[:frozen] for m in layer.modules()}
+    linears = {name: module for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and module is not head}
+    total = sum(p.numel() for p in model.parameters())
+    quantizable = sum(m.weight.numel() for m in linears.values())
     wanted = None if args.lora_modules.strip() == "all" else {n.strip() for n in args.lora_modules.split(",")}
-    targets = [m for name, m in linears.items() if wanted is None or name.rsplit(".", 1)[-1] in wanted]
+    targets = [m for name, m in linears.items()
+               if (wanted is None or name.rsplit(".", 1)[-1] in wanted) and id(m) not in in_frozen_layers]
     lora = sum(args.lora_r * (m.in_features + m.out_features) for m in targets)
     copies = 0
     if new_tokens:
@@ -200,6 +213,9 @@ def activation_bytes_per_token(config, args, p: int, row_length: int, attn_imple
         if args.lora_dropout > 0:
             layer += sum(adapted_inputs) * (p + 1)
     outside = (p * 3 * hidden if args.full_finetune else 0) + (p + 4) * vocab  # embeddings' output, final norm; logits
+    # nothing below the frozen layers needs a gradient, so they keep no activations
+    layers -= training_knobs.frozen_layer_count(getattr(args, "layers_to_freeze", None),
+                                                getattr(args, "layer_freeze_ratio", None), layers)
     if args.activation_checkpointing:
         return layers * p * hidden + layer + outside
     return layers * layer + outside

@@ -113,7 +113,7 @@ def allocated_bytes() -> int:
     return info.uordblks + info.hblkhd
 
 
-@pytest.mark.parametrize("mode", ["full", "lora", "lora-checkpointing"])
+@pytest.mark.parametrize("mode", ["full", "lora", "lora-checkpointing", "full-frozen", "lora-frozen"])
 def test_memory_estimate_matches_what_the_tiny_model_allocates(tmp_path, tiny_model, mode):
     """Weights, gradients and optimizer states are summed from the real tensors after a training step;
     activations are the bytes malloc hands out during the forward pass of the longest batch."""
@@ -121,7 +121,9 @@ def test_memory_estimate_matches_what_the_tiny_model_allocates(tmp_path, tiny_mo
     flags = ["--model_name_or_path", tiny_model, "--dataset", data, "--output_dir", str(tmp_path / "o"),
              "--bits", "32", "--per_device_train_batch_size", "4", "--report_to", "none", "--optim", "adamw_torch"]
     flags += {"full": ["--full_finetune"], "lora": ["--lora_r", "8"],
-              "lora-checkpointing": ["--lora_r", "8", "--gradient_checkpointing"]}[mode]
+              "lora-checkpointing": ["--lora_r", "8", "--gradient_checkpointing"],
+              "full-frozen": ["--full_finetune", "--layers_to_freeze", "1"],
+              "lora-frozen": ["--lora_r", "8", "--layers_to_freeze", "1"]}[mode]
     model_args, data_args, args, _ = train.parse_arguments(flags)
     train.prepare_directories(args)
     tokenizer = train.load_tokenizer(model_args, data_args)
@@ -154,4 +156,7 @@ def test_memory_estimate_matches_what_the_tiny_model_allocates(tmp_path, tiny_mo
     }
     for part in ("weights", "gradients", "optimizer"):
         assert abs(estimate[part] - measured[part]) <= 0.01 * measured[part] + 1024, (part, estimate, measured)
-    assert 0.75 * measured["activations"] <= estimate["activations"] <= 1.25 * measured["activations"], (estimate, measured)
+    # The lowest trained layer keeps less than the others (its input needs no gradient); with 1 of 2 layers trained
+    # that is the whole layers' share here, 1/L of it in a real model: the estimate errs high by design.
+    high = 1.4 if "frozen" in mode else 1.25
+    assert 0.75 * measured["activations"] <= estimate["activations"] <= high * measured["activations"], (estimate, measured)
