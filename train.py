@@ -560,10 +560,11 @@ def check_merge_arguments(model_args: ModelArguments, args: TrainingArguments) -
                          f"{args.bits}); drop --merge_base or use --merge_base original")
     if args.merge_verify_samples < 0:
         raise UsageError(f"--merge_verify_samples must be >= 0 (got {args.merge_verify_samples}); 0 skips the check")
-    if args.merged_output_dir:
+    if args.merged_output_dir:  # the merge replaces that directory whole: it must not hold what it reads
         merged = os.path.realpath(args.merged_output_dir)
-        for flag, path in (("--output_dir", args.output_dir), ("--model_name_or_path", model_args.model_name_or_path)):
-            if path and os.path.exists(path) and os.path.commonpath([merged, os.path.realpath(path)]) == merged:
+        local_model = model_args.model_name_or_path if os.path.isdir(model_args.model_name_or_path) else None
+        for flag, path in (("--output_dir", args.output_dir), ("--model_name_or_path", local_model)):
+            if path and os.path.commonpath([merged, os.path.realpath(path)]) == merged:
                 raise UsageError(f"--merged_output_dir {args.merged_output_dir} would replace {flag} {path}; pick "
                                  "another directory")
 
@@ -1056,6 +1057,8 @@ def base_loading(args: TrainingArguments) -> merging.BaseLoading:
 
 def merge_only(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments, gen_args) -> int:
     """--merge_only: the tokenizer and generation config saved with the adapter go with the merged model."""
+    if args.process_index != 0:  # launched with several processes: one merge is enough
+        return 0
     saved = args.final_output_dir
     has_tokenizer = os.path.isfile(os.path.join(saved, "tokenizer_config.json"))
     tokenizer = transformers.AutoTokenizer.from_pretrained(saved) if has_tokenizer else load_tokenizer(model_args, data_args)
