@@ -204,7 +204,10 @@ def resolve_base(base: str) -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.py", "*.bin", "*.model"])
+        path = snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.py", "*.model", "*.txt"])
+        if not any(name.endswith(".safetensors") for name in os.listdir(path)):  # an old .bin-only checkpoint
+            path = snapshot_download(base, allow_patterns=["*.json", "*.bin", "*.py", "*.model", "*.txt"])
+        return path
     except Exception as error:  # huggingface_hub raises many types (offline, not found, gated)
         raise MergeError(f"base model {base}: not a local directory and not fetchable ({error}); "
                          "pass the base model's local directory") from error
@@ -606,15 +609,14 @@ def verification_rows(tokenizer, count: int, samples: Optional[list[dict]]) -> t
 def forward(model, row: dict) -> tuple[torch.Tensor, float, int]:
     """Logits (fp32, on CPU) and summed next-token NLL over the trained tokens (all tokens without labels)."""
     device = next(model.parameters()).device
-    ids = torch.tensor([row["input_ids"][:VERIFY_MAX_TOKENS]], device=device)
-    labels = torch.tensor([row.get("labels", row["input_ids"])[:VERIFY_MAX_TOKENS]], device=device)
-    extra = {"position_ids": torch.tensor([row["position_ids"][:VERIFY_MAX_TOKENS]], device=device)} if "position_ids" in row else {}
+    columns = {key: torch.tensor([row[key][:VERIFY_MAX_TOKENS]], device=device)
+               for key in ("input_ids", "position_ids") if key in row}  # packed rows restart positions per sample
     with torch.no_grad():
-        logits = model(input_ids=ids, use_cache=False, **extra).logits.float()
-    targets = labels[0, 1:]
+        logits = model(**columns, use_cache=False).logits[0].float()
+    targets = torch.tensor(row.get("labels", row["input_ids"])[1:VERIFY_MAX_TOKENS], device=device)
     counted = targets != -100
-    nll = torch.nn.functional.cross_entropy(logits[0, :-1][counted], targets[counted], reduction="sum").item() if counted.any() else 0.0
-    return logits[0].cpu(), nll, int(counted.sum())
+    nll = torch.nn.functional.cross_entropy(logits[:-1][counted], targets[counted], reduction="sum").item()
+    return logits.cpu(), nll, int(counted.sum())
 
 
 def load_reference(base_dir: str, adapter_dir: str, loading: Optional[BaseLoading], vocab_size: int,

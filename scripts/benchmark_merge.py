@@ -109,8 +109,8 @@ def compare(work: str) -> float:
     import merging
 
     def tensors(directory):
-        files = [merging.TensorFile(os.path.join(directory, f)) for f in sorted(os.listdir(directory)) if f.endswith(".safetensors")]
-        return {name: reader for reader in files for name in reader.names}
+        files = [os.path.join(directory, f) for f in sorted(os.listdir(directory)) if f.endswith(".safetensors")]
+        return {name: reader for reader in map(merging.TensorFile, files) for name in reader.names}
 
     ours, theirs = tensors(os.path.join(work, "merged-ours")), tensors(os.path.join(work, "merged-peft"))
     if ours.keys() != theirs.keys():

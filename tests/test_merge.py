@@ -194,3 +194,20 @@ def test_merge_only_command_merges_without_a_dataset(sharded_base, tmp_path):
     assert (logits(merged, tokenizer) - logits(adapted, tokenizer)).abs().max().item() < 0.5
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == sorted(  # the adapter dir is only read
         ["adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json", "tokenizer_config.json"])
+
+
+def test_a_pytorch_bin_base_is_streamed_into_safetensors(sharded_base, tmp_path):
+    """Old checkpoints ship only pytorch_model.bin (transformers 5 no longer writes it: torch.save stands in)."""
+    bin_base = tmp_path / "bin_base"
+    model = AutoModelForCausalLM.from_pretrained(sharded_base, dtype=torch.float32)
+    model.config.save_pretrained(bin_base)
+    torch.save(model.state_dict(), bin_base / "pytorch_model.bin")
+    AutoTokenizer.from_pretrained(sharded_base).save_pretrained(bin_base)
+    random_adapter(sharded_base, str(tmp_path / "adapter"))
+    for base, out in ((str(bin_base), "from_bin"), (sharded_base, "from_safetensors")):
+        merging.merge_adapter(base, str(tmp_path / "adapter"), str(tmp_path / out), torch.float32)
+    assert [p.name for p in (tmp_path / "from_bin").glob("*.safetensors")] == ["model.safetensors"]
+    from_bin = load_file(str(tmp_path / "from_bin" / "model.safetensors"))
+    from_safetensors = AutoModelForCausalLM.from_pretrained(tmp_path / "from_safetensors", dtype=torch.float32).state_dict()
+    assert from_bin.keys() == from_safetensors.keys()
+    assert all(torch.equal(from_bin[k], from_safetensors[k]) for k in from_bin)
