@@ -234,7 +234,8 @@ class TrainingArguments(transformers.TrainingArguments):
             "help": "What a QLoRA (--bits 4) adapter is merged into: 'original' = the 16-bit base weights (what the "
             "qlora scripts do; the merged model differs slightly from the 4-bit base+adapter that was trained), "
             "'nf4_roundtrip' = those weights quantized and dequantized with the run's --quant_type/--double_quant "
-            "(recorded in base_quantization.json next to the adapter), i.e. exactly what training computed with. "
+            "(recorded in base_quantization.json next to the adapter; without it these flags are assumed), i.e. exactly "
+            "what training computed with. "
             "The verification (--merge_verify_samples) shows which is closer. Only 4-bit runs can use nf4_roundtrip.",
             "choices": list(merging.MERGE_BASES),
         },
