@@ -32,6 +32,7 @@ import transformers
 from transformers import HfArgumentParser
 
 import data
+import merging
 import planning
 import training_knobs
 from dataset_formats import FORMAT_INFO, FORMATS, end_token_id
@@ -235,8 +236,40 @@ class TrainingArguments(transformers.TrainingArguments):
     merged_output_dir: Optional[str] = field(
         default=None,
         metadata={
-            "help": "After an adapter run, reload the base model in 16-bit (bf16 with --bf16, fp16 with --fp16, "
-            "else fp32), merge the adapter and save a plain model here, with tokenizer and generation config."
+            "help": "After an adapter run (or with --merge_only), merge the adapter into the base model and save a "
+            "plain model here in bf16 with --bf16, fp16 with --fp16, else fp32, with tokenizer, chat template and "
+            "generation config. The merge streams one tensor at a time (memory: a few copies of the largest "
+            "tensor, not the model), keeps the base's shard layout, and appears only when complete."
+        },
+    )
+    merge_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Do not train: merge the adapter in --output_dir (a finished run's, or a checkpoint-N directory) "
+            "into --model_name_or_path and write --merged_output_dir (needed). --dataset is optional: it only "
+            "provides the --merge_verify_samples samples. Tokenizer and generation config come from --output_dir."
+        },
+    )
+    merge_base: str = field(
+        default="original",
+        metadata={
+            "help": "What a QLoRA (--bits 4) adapter is merged into: 'original' = the 16-bit base weights (what the "
+            "qlora scripts do; the merged model differs slightly from the 4-bit base+adapter that was trained), "
+            "'nf4_roundtrip' = those weights quantized and dequantized with the run's --quant_type/--double_quant "
+            "(recorded in base_quantization.json next to the adapter; without it these flags are assumed), i.e. exactly "
+            "what training computed with. "
+            "The verification (--merge_verify_samples) shows which is closer. Only 4-bit runs can use nf4_roundtrip.",
+            "choices": list(merging.MERGE_BASES),
+        },
+    )
+    merge_verify_samples: int = field(
+        default=4,
+        metadata={
+            "help": "After merging, compare the merged model with base+adapter (loaded as training loaded it) on this "
+            "many samples (the first training samples when --dataset is given and the merge follows training or "
+            "--merge_only; else a fixed built-in text), each cut to 512 tokens: max/mean |logit difference|, argmax "
+            "agreement and perplexities, logged and written to <merged_output_dir>/merge_verification.json. Loads "
+            "both models in full, one after the other; 0 skips it."
         },
     )
     overwrite_output_dir: bool = field(
@@ -525,12 +558,13 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
     """Cross-field rules, checked before anything loads; each message says how to fix it."""
     if not model_args.model_name_or_path:
         raise UsageError("--model_name_or_path is required (a local model directory or a hub id)")
-    if not data_args.dataset:
+    if not data_args.dataset and not args.merge_only:
         raise UsageError("--dataset is required (a .json/.jsonl/.parquet/.csv/.tsv file or a hub dataset name)")
-    for dataset in data_args.dataset:
+    check_merge_arguments(model_args, args)
+    for dataset in data_args.dataset or []:
         if data.looks_local(dataset) and not os.path.isfile(dataset):
             raise UsageError(f"--dataset {dataset}: file not found (cwd: {os.getcwd()})")
-    if len(data_args.dataset_format) not in (1, len(data_args.dataset)):
+    if len(data_args.dataset_format) not in (1, len(data_args.dataset or [])):
         raise UsageError(
             f"{len(data_args.dataset)} datasets but {len(data_args.dataset_format)} formats; give one --dataset_format "
             "for all, or one per --dataset in the same order"
@@ -578,6 +612,28 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
     if data_args.expand_conversations:
         logger.info("--expand_conversations: every assistant turn is trained already, one sample per conversation")
     model_args.attn_implementation = resolve_attention(model_args.attn_implementation)
+
+
+def check_merge_arguments(model_args: ModelArguments, args: TrainingArguments) -> None:
+    if args.merge_only and not args.merged_output_dir:
+        raise UsageError("--merge_only writes the merged model to --merged_output_dir; pass it")
+    if args.merge_only and not os.path.isfile(os.path.join(args.output_dir, "adapter_config.json")):
+        raise UsageError(f"--merge_only merges the adapter in --output_dir, and {args.output_dir} has no "
+                         "adapter_config.json; pass the directory a LoRA run saved to (or a checkpoint-N in it)")
+    if args.merge_only and args.overwrite_output_dir:
+        raise UsageError("--overwrite_output_dir deletes checkpoints and --merge_only never changes --output_dir; drop it")
+    if args.merge_base == "nf4_roundtrip" and not args.merge_only and args.bits != 4:
+        raise UsageError(f"--merge_base nf4_roundtrip re-creates the 4-bit weights of a --bits 4 run (got --bits "
+                         f"{args.bits}); drop --merge_base or use --merge_base original")
+    if args.merge_verify_samples < 0:
+        raise UsageError(f"--merge_verify_samples must be >= 0 (got {args.merge_verify_samples}); 0 skips the check")
+    if args.merged_output_dir:  # the merge replaces that directory whole: it must not hold what it reads
+        merged = os.path.realpath(args.merged_output_dir)
+        local_model = model_args.model_name_or_path if os.path.isdir(model_args.model_name_or_path) else None
+        for flag, path in (("--output_dir", args.output_dir), ("--model_name_or_path", local_model)):
+            if path and os.path.commonpath([merged, os.path.realpath(path)]) == merged:
+                raise UsageError(f"--merged_output_dir {args.merged_output_dir} would replace {flag} {path}; pick "
+                                 "another directory")
 
 
 def check_writable_directory(flag: str, path: Optional[str]) -> None:
@@ -1174,6 +1230,8 @@ def save_final(trainer, args: TrainingArguments, tokenizer, gen_config) -> None:
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(staging)
         gen_config.save_pretrained(staging)
+        if not args.full_finetune:
+            base_loading(args).save(staging)  # a later merge re-creates the weights the adapter trained against
         for name in os.listdir(staging):
             target = os.path.join(args.final_output_dir, name)
             if os.path.isdir(target) and not os.path.islink(target):
@@ -1184,29 +1242,49 @@ def save_final(trainer, args: TrainingArguments, tokenizer, gen_config) -> None:
     logger.info("saved %s to %s", "model" if args.full_finetune else "adapter", args.final_output_dir)
 
 
-def merge_adapter(model_args: ModelArguments, args: TrainingArguments, tokenizer, gen_config) -> None:
-    """Base model in 16-bit (or fp32) + adapter -> one plain model, written to a temp dir and renamed into place."""
-    import peft
+def merge_adapter(model_args: ModelArguments, args: TrainingArguments, tokenizer, gen_config, samples=None) -> dict:
+    """The adapter in --output_dir + the base -> a plain model in --merged_output_dir, streamed (see merging.py)."""
     import torch
 
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-    base = transformers.AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path, dtype=dtype, trust_remote_code=model_args.trust_remote_code,
-        config=training_knobs.rope_scaled_config(model_args),
-    )
-    if len(tokenizer) != base.get_input_embeddings().weight.shape[0]:
-        base.resize_token_embeddings(len(tokenizer))
-    merged = peft.PeftModel.from_pretrained(base, args.final_output_dir).merge_and_unload()
-    merged.config.use_cache = True
-    merged.generation_config = gen_config
-    target = args.merged_output_dir.rstrip(os.sep)
-    tmp = f"{target}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    logger.info("merged model (%s) saved to %s", str(dtype).replace("torch.", ""), target)
+    with planning.without_zero3_init():  # rank 0 merges alone: no ZeRO-3 collective construction
+        return merging.merge_adapter(
+            model_args.model_name_or_path, args.final_output_dir, args.merged_output_dir, dtype,
+            merge_base=args.merge_base, trained_against=base_loading(args), tokenizer=tokenizer,
+            generation_config=gen_config, verify_samples=args.merge_verify_samples, samples=samples,
+            trust_remote_code=model_args.trust_remote_code, base_config=training_knobs.rope_scaled_config(model_args),
+        )
+
+
+def base_loading(args: TrainingArguments) -> merging.BaseLoading:
+    """How load_model loads the base for these flags; saved with the adapter, read back by later merges."""
+    compute = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
+    dtype = {4: compute, 8: compute, 16: "bfloat16" if args.bf16 else "float16", 32: "float32"}[args.bits]
+    return merging.BaseLoading(bits=args.bits, dtype=dtype, quant_type=args.quant_type, double_quant=args.double_quant,
+                               quant_storage=args.quant_storage)
+
+
+def merge_only(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments, gen_args) -> int:
+    """--merge_only: the tokenizer and generation config saved with the adapter go with the merged model."""
+    if args.process_index != 0:  # launched with several processes: one merge is enough
+        return 0
+    saved = args.final_output_dir
+    has_tokenizer = os.path.isfile(os.path.join(saved, "tokenizer_config.json"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(saved) if has_tokenizer else load_tokenizer(model_args, data_args)
+    if os.path.isfile(os.path.join(saved, "generation_config.json")):
+        gen_config = transformers.GenerationConfig.from_pretrained(saved)
+    else:
+        gen_config = generation_config(gen_args, tokenizer, data_args.dataset_format)
+    samples = None
+    if data_args.dataset and args.merge_verify_samples:
+        train_set, _, _ = build_datasets(data_args, args, load_tokenizer(model_args, data_args))
+        samples = first_samples(train_set, args.merge_verify_samples)
+    merge_adapter(model_args, args, tokenizer, gen_config, samples)
+    return 0
+
+
+def first_samples(train_set, count: int) -> list[dict]:
+    return [train_set[i] for i in range(min(count, len(train_set)))]
 
 
 def merge_is_missing(args: TrainingArguments) -> bool:
@@ -1246,6 +1324,8 @@ def run(argv: list[str]) -> int:
         return dry_run(model_args, data_args, args)
     prepare_directories(args)
     transformers.set_seed(args.seed)
+    if args.merge_only:
+        return merge_only(model_args, data_args, args, gen_args)
     tokenizer = load_tokenizer(model_args, data_args)
     gen_config = generation_config(gen_args, tokenizer, data_args.dataset_format)
     if is_completed(args) and not data_args.prepare_only:
@@ -1278,7 +1358,7 @@ def run(argv: list[str]) -> int:
         global_step = trainer.state.global_step
         del trainer, model  # free the training copy before the merge loads the base again
         if args.merged_output_dir:
-            merge_adapter(model_args, args, tokenizer, gen_config)
+            merge_adapter(model_args, args, tokenizer, gen_config, first_samples(train_set, args.merge_verify_samples))
         mark_completed(args, global_step)
     return 0
 
@@ -1292,7 +1372,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         argv.remove("--debug")
     try:
         return run(argv)
-    except (UsageError, data.DataError) as error:
+    except (UsageError, data.DataError, merging.MergeError) as error:
         if process_rank() == 0 or debug:  # every rank sees the same bad input: say it once
             logger.error("%s", error, exc_info=debug)
         return 2
