@@ -33,9 +33,12 @@ from transformers import HfArgumentParser
 
 import data
 import inference
+import planning
 import reporting
 import throughput
+import training_knobs
 from dataset_formats import FORMAT_INFO, FORMATS, end_token_id
+from training_knobs import ROPE_SCALING_TYPES
 
 logger = logging.getLogger("train")
 
@@ -85,6 +88,25 @@ class ModelArguments:
     bos_token: Optional[str] = field(default=None, metadata={"help": "Override the BOS token (None: keep)."})
     eos_token: Optional[str] = field(default=None, metadata={"help": "Override the EOS token (None: keep)."})
     unk_token: Optional[str] = field(default=None, metadata={"help": "Override the unk token (None: keep)."})
+    rope_scaling_type: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Replace the model's RoPE scaling to stretch its context (needs --rope_scaling_factor; None: keep "
+            "the config's). linear: positions divided by the factor; dynamic: NTK-aware, identical to no scaling up "
+            "to the model's max_position_embeddings and rescaled on the fly beyond it (so training on shorter "
+            "samples sees plain RoPE); yarn: only the low frequencies are interpolated and attention is scaled by "
+            "0.1*ln(factor)+1. linear and yarn set max_position_embeddings to the pretrained length x factor. "
+            "Applied before the model loads, so the saved full model and the --merged_output_dir model carry it "
+            "(an adapter alone does not: load its base with the same rope_parameters). llama3 and longrope need "
+            "more parameters than a factor: edit the model's config.json for those.",
+            "choices": list(ROPE_SCALING_TYPES),
+        },
+    )
+    rope_scaling_factor: Optional[float] = field(
+        default=None,
+        metadata={"help": "RoPE scaling factor, > 1: the usable context becomes about factor x the pretrained "
+                  "length. Needs --rope_scaling_type (None: no override)."},
+    )
 
 
 @dataclass
@@ -227,6 +249,20 @@ class TrainingArguments(transformers.TrainingArguments):
     full_finetune: bool = field(
         default=False, metadata={"help": "Train all weights instead of LoRA adapters; needs --bits 16 or 32."}
     )
+    dry_run: bool = field(
+        default=False,
+        metadata={
+            "help": "Validate every flag and file, read the model's config (not its weights), tokenize the data "
+            "(nothing is written), log the plan — world size, batch arithmetic, steps, trainable parameters and "
+            "estimated memory per device for weights / gradients / optimizer / activations (derivation in "
+            "planning.py) — and a `plan-json:` line, then exit 0."
+        },
+    )
+    dry_run_world_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "With --dry_run in a single process: plan for this many processes (None: the launcher's "
+                  "world size, 1 without one). The scripts/ recipes pass their GPU count x nodes."},
+    )
     bits: int = field(
         default=4,
         metadata={
@@ -257,6 +293,33 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={
             "help": "Modules that get LoRA adapters: 'all' = every linear layer except the output head, or a comma "
             "list of module names (e.g. q_proj,v_proj)."
+        },
+    )
+    layers_to_freeze: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Freeze the first N decoder layers, 0 <= N < the model's layer count (None or 0: none). Full "
+            "fine-tune: those layers and the input embeddings below them get requires_grad=False and stay out of "
+            "the optimizer (the embeddings stay trainable when tokens were added, so the new rows can learn; a "
+            "head tied to them freezes with them). LoRA: adapters go only on the layers above N. Excludes "
+            "--layer_freeze_ratio."
+        },
+    )
+    layer_freeze_ratio: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Freeze this fraction of the decoder layers from the bottom, in [0, 1): floor(ratio x layers), "
+            "e.g. 0.5 of 32 -> 16, 0.3 of 10 -> 3, 0.4 of 2 -> 0 (None: none). Otherwise as --layers_to_freeze, "
+            "which it excludes."
+        },
+    )
+    neftune_noise_alpha: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "NEFTune: while training (not in eval or generation), add uniform noise in +-alpha/sqrt(L*d) to "
+            "the input embeddings, d = hidden size, L = the batch's padded length (as in the reference code, so a "
+            "sample padded to a longer neighbour gets less). With --sample_packing L is the packed row, so each "
+            "sample gets about sqrt(samples per row) times less noise than unpacked. > 0; typical 5 to 15 (None: off)."
         },
     )
     loss_watchdog_threshold: Optional[float] = field(
@@ -549,6 +612,7 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
             raise UsageError(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
         if not args.lora_modules.strip():
             raise UsageError("--lora_modules is empty; use 'all' or a comma list such as q_proj,v_proj")
+    check_training_knobs(model_args, data_args, args)
     if data_args.sample_packing and args.train_sampling_strategy == "group_by_length":
         raise UsageError("--sample_packing already fills rows to --model_max_len; drop --group_by_length")
     if data_args.model_max_len <= 0:
@@ -565,7 +629,9 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
     for flag, path in (("--output_dir", args.output_dir), ("--working_dir", args.working_dir),
                        ("--merged_output_dir", args.merged_output_dir), ("--dataset_prepared_path", data_args.dataset_prepared_path)):
         check_writable_directory(flag, path)
-    check_zero3_quant_storage(args)
+    check_sharding(args)
+    if args.dry_run_world_size is not None and (not args.dry_run or args.dry_run_world_size < 1):
+        raise UsageError(f"--dry_run_world_size {args.dry_run_world_size}: needs --dry_run and a count >= 1")
     validate_output_arguments(args)
     if "wandb" in (args.report_to or []) and not wandb_is_configured():
         raise UsageError(
@@ -600,22 +666,80 @@ def wandb_is_configured() -> bool:
     return os.path.isfile(netrc) and "api.wandb.ai" in open(netrc).read()
 
 
-def check_zero3_quant_storage(args: TrainingArguments) -> None:
-    """ZeRO-3 shards parameters by dtype: 4-bit weights must be stored in the dtype of the rest of the model."""
-    if args.bits != 4 or not args.deepspeed:
+def fsdp_requested(args: TrainingArguments) -> bool:
+    """--fsdp, or `accelerate launch` with an FSDP config (which reaches the Trainer through the environment)."""
+    return bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1")
+
+
+def check_sharding(args: TrainingArguments) -> None:
+    """Combinations of DeepSpeed / FSDP with quantization that would crash late or silently do something else."""
+    fsdp = fsdp_requested(args)
+    ds_stage = planning.deepspeed_settings(args.deepspeed).get("stage", 0) if args.deepspeed else 0
+    if fsdp and not has_accelerator() and not args.dry_run:  # a dry run plans for the GPU machine
+        raise UsageError(
+            "FSDP needs GPUs: without CUDA, transformers and accelerate silently fall back to plain DDP (every rank "
+            "holds the whole model). Shard on CPU with --deepspeed configs/deepspeed-zero3.json instead, or run on GPUs"
+        )
+    if fsdp and args.deepspeed:
+        raise UsageError("FSDP and --deepspeed both requested; pick one (drop --fsdp / the accelerate FSDP config, or --deepspeed)")
+    sharded = "FSDP" if fsdp else f"--deepspeed {args.deepspeed} (ZeRO-3)" if ds_stage == 3 else None
+    if sharded is None:
+        return
+    if args.bits == 8:
+        raise UsageError(f"{sharded} cannot shard bitsandbytes 8-bit weights; use --bits 4 (with --quant_storage) or --bits 16")
+    needed = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
+    if args.bits == 4 and args.quant_storage != needed:
+        raise UsageError(
+            f"{sharded} shards parameters by dtype and --bits 4 stores weights as {args.quant_storage}; they must be "
+            f"stored like the rest of the model: pass --quant_storage {needed}"
+        )
+
+
+def check_training_knobs(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments) -> None:
+    """Freezing, RoPE scaling, NEFTune and optimizer flags, as far as they can be judged without the model."""
+    if args.layers_to_freeze is not None and args.layer_freeze_ratio is not None:
+        raise UsageError("--layers_to_freeze and --layer_freeze_ratio both given; pick one")
+    if args.layers_to_freeze is not None and args.layers_to_freeze < 0:
+        raise UsageError(f"--layers_to_freeze must be >= 0 (got {args.layers_to_freeze})")
+    if args.layer_freeze_ratio is not None and not 0 <= args.layer_freeze_ratio < 1:
+        raise UsageError(f"--layer_freeze_ratio must be in [0, 1) (got {args.layer_freeze_ratio}); "
+                         "for a layer count use --layers_to_freeze N")
+    if (model_args.rope_scaling_type is None) != (model_args.rope_scaling_factor is None):
+        given, missing = (("--rope_scaling_type", "--rope_scaling_factor F (> 1)") if model_args.rope_scaling_type
+                          else ("--rope_scaling_factor", f"--rope_scaling_type ({'|'.join(ROPE_SCALING_TYPES)})"))
+        raise UsageError(f"{given} needs {missing}; give both or neither")
+    if model_args.rope_scaling_factor is not None and not model_args.rope_scaling_factor > 1:
+        raise UsageError(f"--rope_scaling_factor must be > 1 (got {model_args.rope_scaling_factor}); 1 means no "
+                         "scaling: drop --rope_scaling_type and --rope_scaling_factor")
+    if args.neftune_noise_alpha is not None and not args.neftune_noise_alpha > 0:
+        raise UsageError(f"--neftune_noise_alpha must be > 0 (got {args.neftune_noise_alpha}); "
+                         "drop it to train without noise")
+    if args.neftune_noise_alpha is not None and data_args.sample_packing:
+        logger.info("--neftune_noise_alpha with --sample_packing: the noise scale alpha/sqrt(L*d) uses the packed row "
+                    "length L, so each sample gets less noise than it would unpacked")
+    check_deepspeed_overrides(args)
+
+
+def check_deepspeed_overrides(args: TrainingArguments) -> None:
+    """A DeepSpeed config with its own "optimizer" or "scheduler" section wins: the Trainer then ignores --optim or
+    --lr_scheduler_type without a word. A flag set away from its default is an error; otherwise say which is used."""
+    if not args.deepspeed:
         return
     config = args.deepspeed
     if isinstance(config, str):
         with open(config) as handle:
             config = json.load(handle)
-    if config.get("zero_optimization", {}).get("stage") != 3:
-        return
-    needed = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
-    if args.quant_storage != needed:
-        raise UsageError(
-            f"--deepspeed {args.deepspeed} is ZeRO-3 and --bits 4 stores weights as {args.quant_storage}; ZeRO-3 needs "
-            f"them stored like the rest of the model: pass --quant_storage {needed}"
-        )
+    for section, flag, name in (("optimizer", "--optim", "optim"),
+                                ("scheduler", "--lr_scheduler_type", "lr_scheduler_type")):
+        if section not in config:
+            continue
+        kind = config[section].get("type", "?") if isinstance(config[section], dict) else "?"
+        value = getattr(getattr(args, name), "value", getattr(args, name))
+        if value != TrainingArguments.__dataclass_fields__[name].default:
+            raise UsageError(f"{flag} {value} would be ignored: --deepspeed {args.deepspeed} has its own \"{section}\" "
+                             f"({kind}); drop {flag}, or delete that section to use {flag}")
+        logger.warning("--deepspeed %s has its own \"%s\" (%s): it is used instead of %s %s",
+                       args.deepspeed, section, kind, flag, value)
 
 
 def validate_output_arguments(args: TrainingArguments) -> None:
@@ -635,7 +759,8 @@ def validate_output_arguments(args: TrainingArguments) -> None:
         raise UsageError(problem)
 
 
-def check_model_before_writing(model_args: ModelArguments, args: TrainingArguments) -> None:
+def check_model_before_writing(model_args: ModelArguments, args: TrainingArguments,
+                               data_args: Optional[DataArguments] = None) -> None:
     """The model exists and the LoRA target names are real, checked on an empty (meta) model before any write."""
     import torch
 
@@ -644,11 +769,55 @@ def check_model_before_writing(model_args: ModelArguments, args: TrainingArgumen
     except (OSError, ValueError) as error:
         raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load a model config "
                          f"({str(error).splitlines()[0]}); pass a local model directory or a reachable hub id") from error
+    check_knobs_against_model(config, model_args, args, data_args.model_max_len if data_args else None)
     if args.full_finetune or args.lora_modules.strip() == "all":
         return
-    with torch.device("meta"):
+    with torch.device("meta"), planning.without_zero3_init():
         skeleton = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
     lora_target_list(skeleton, args.lora_modules)
+
+
+def check_knobs_against_model(config, model_args: ModelArguments, args: TrainingArguments,
+                              model_max_len: Optional[int]) -> None:
+    """Layer freezing needs the layer count and the decoder layer list; RoPE scaling needs rope_parameters."""
+    import copy
+
+    import torch
+
+    layers = config.num_hidden_layers
+    frozen = training_knobs.frozen_layer_count(args.layers_to_freeze, args.layer_freeze_ratio, layers)
+    if frozen:
+        flag, value = (("--layers_to_freeze", args.layers_to_freeze) if args.layers_to_freeze is not None
+                       else ("--layer_freeze_ratio", args.layer_freeze_ratio))
+        if frozen >= layers:
+            raise UsageError(f"{flag} {value} freezes {frozen} layers but the model has {layers} decoder layers; "
+                             f"freeze at most {layers - 1} so that some layer trains")
+        with torch.device("meta"), planning.without_zero3_init():
+            skeleton = transformers.AutoModelForCausalLM.from_config(
+                config, trust_remote_code=model_args.trust_remote_code)
+        if training_knobs.decoder_layers(skeleton) is None:
+            raise UsageError(f"{flag}: no list of {layers} decoder layers found in {type(skeleton).__name__}; "
+                             f"drop {flag}")
+        logger.info("%s %s: the first %d of %d decoder layers are frozen", flag, value, frozen, layers)
+    if model_args.rope_scaling_type:
+        rope = getattr(config, "rope_parameters", None)
+        if not isinstance(rope, dict) or "rope_theta" not in rope:
+            raise UsageError(f"--rope_scaling_type: this model ({config.model_type}) has no single set of RoPE "
+                             "parameters to scale (no RoPE, or one per layer type); drop the --rope_scaling flags")
+        original = training_knobs.pretrained_context(config)
+        scaled = training_knobs.apply_rope_scaling(copy.deepcopy(config), model_args.rope_scaling_type,
+                                                   model_args.rope_scaling_factor)
+        logger.info("RoPE %s x%g: context %d -> %d positions (--model_max_len %s)", model_args.rope_scaling_type,
+                    model_args.rope_scaling_factor, original, scaled, model_max_len)
+        if model_max_len and model_max_len > scaled:
+            logger.warning("--model_max_len %d is beyond the scaled context of %d positions", model_max_len, scaled)
+        if model_args.rope_scaling_type == "dynamic" and model_max_len and model_max_len <= original:
+            logger.warning("--rope_scaling_type dynamic changes nothing up to %d positions, so training on at most "
+                           "--model_max_len %d sees plain RoPE; only longer inputs at inference are rescaled",
+                           original, model_max_len)
+        if not args.full_finetune and not args.merged_output_dir:
+            logger.warning("--rope_scaling_type with an adapter and no --merged_output_dir: the adapter does not carry "
+                           "the scaling; load its base with the same rope_parameters, or pass --merged_output_dir")
 
 
 def has_accelerator() -> bool:
@@ -797,6 +966,13 @@ def load_model(model_args: ModelArguments, args: TrainingArguments, tokenizer):
         )
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": args.local_process_index}
+    if args.deepspeed and transformers.integrations.is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        # ZeRO-3 shards the weights while they load (zero.Init), sized by deepspeed.comm's world, which the
+        # launcher's process group does not set up by itself: without this every rank would think it is alone.
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    kwargs["config"] = training_knobs.rope_scaled_config(model_args)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **kwargs
     )
@@ -815,7 +991,12 @@ def add_adapters(model, args: TrainingArguments, new_tokens: bool):
     With new tokens, the embedding and output layers are trained in full and saved with the adapter."""
     import peft
 
+    frozen = training_knobs.frozen_layer_count(args.layers_to_freeze, args.layer_freeze_ratio,
+                                               model.config.num_hidden_layers)
     if args.full_finetune:
+        if frozen:
+            names = training_knobs.freeze_bottom_layers(model, frozen, new_tokens)
+            logger.info("frozen (requires_grad=False, not in the optimizer): %s", ", ".join(names))
         return model
     checkpointing = bool(args.activation_checkpointing)
     gc_kwargs = args.activation_checkpointing_kwargs or {"use_reentrant": False}
@@ -826,6 +1007,7 @@ def add_adapters(model, args: TrainingArguments, new_tokens: bool):
     elif checkpointing:
         model.enable_input_require_grads()
     targets = "all-linear" if args.lora_modules.strip() == "all" else lora_target_list(model, args.lora_modules)
+    targets, layer_limits = training_knobs.lora_layer_limits(model, targets, frozen)
     config = peft.LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
@@ -833,6 +1015,7 @@ def add_adapters(model, args: TrainingArguments, new_tokens: bool):
         target_modules=targets,
         modules_to_save=embedding_modules(model) if new_tokens else None,
         task_type="CAUSAL_LM",
+        **layer_limits,
     )
     model = peft.get_peft_model(model, config)
     trainable, total = model.get_nb_trainable_parameters()
@@ -1029,6 +1212,30 @@ def train(trainer, args: TrainingArguments) -> None:
     trainer.save_metrics("train", result.metrics)
 
 
+def dry_run(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments) -> int:
+    """--dry_run: the same checks and tokenization as a real run, nothing loaded but the config, nothing written."""
+    import torch
+
+    tokenizer = load_tokenizer(model_args, data_args)
+    if data_args.dataset_prepared_path is None:
+        data_args.dataset_prepared_path = os.path.join(args.working_dir or args.output_dir, "prepared_data")
+    seed = args.data_seed if args.data_seed is not None else args.seed
+    train_set, _, _ = data.prepare_datasets(data_args, tokenizer, seed, write=False)
+    config = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    world_size = args.dry_run_world_size or args.world_size
+    plan = planning.make_plan(config, tokenizer, train_set, args, data_args.model_max_len, world_size, model_args.attn_implementation,
+                              fsdp=fsdp_requested(args))
+    logger.info("%s", planning.describe(plan, args))
+    logger.info("plan-json: %s", plan.as_json())
+    if torch.cuda.is_available():
+        capacity = torch.cuda.get_device_properties(args.local_process_index).total_memory / planning.GIB
+        if plan.memory_gib_at_max_len["total"] > 0.9 * capacity:
+            logger.warning("the estimate (%.1f GiB) exceeds 90 %% of this GPU's %.1f GiB: lower "
+                           "--per_device_train_batch_size, add --gradient_checkpointing, use --bits 4 or ZeRO-3",
+                           plan.memory_gib_at_max_len["total"], capacity)
+    return 0
+
+
 def generation_config(gen_args: GenerationArguments, tokenizer, formats: list[str]) -> transformers.GenerationConfig:
     """Saved next to the model: generation stops at the formats' end-of-answer tokens as well as at EOS."""
     stop = sorted({tokenizer.eos_token_id} | {end_token_id(name, tokenizer) for name in formats})
@@ -1066,7 +1273,8 @@ def merge_adapter(model_args: ModelArguments, args: TrainingArguments, tokenizer
 
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     base = transformers.AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path, dtype=dtype, trust_remote_code=model_args.trust_remote_code
+        model_args.model_name_or_path, dtype=dtype, trust_remote_code=model_args.trust_remote_code,
+        config=training_knobs.rope_scaled_config(model_args),
     )
     if len(tokenizer) != base.get_input_embeddings().weight.shape[0]:
         base.resize_token_embeddings(len(tokenizer))
@@ -1119,7 +1327,9 @@ def run(argv: list[str]) -> int:
     model_args, data_args, args, gen_args = parse_arguments(argv)
     protect_secrets(args)
     reporting.take_over_hub_push(args)
-    check_model_before_writing(model_args, args)
+    check_model_before_writing(model_args, args, data_args)
+    if args.dry_run:
+        return dry_run(model_args, data_args, args)
     prepare_directories(args)
     transformers.set_seed(args.seed)
     tokenizer = load_tokenizer(model_args, data_args)

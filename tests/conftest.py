@@ -30,6 +30,8 @@ def child_env(**extra: str) -> dict:
         TOKENIZERS_PARALLELISM="false",
         OMP_NUM_THREADS="1",
         PYTHONPATH=ROOT,
+        # DeepSpeed JIT-compiles its ops on first use; keep them with the venv so only the first run pays
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".venv", "torch_extensions")),
     )
     env.pop("WANDB_API_KEY", None)
     env.update(extra)

@@ -9,7 +9,7 @@ import logging
 import os
 
 import pytest
-from conftest import conversations, instructions, run, train_py, write_jsonl
+from conftest import ROOT, conversations, instructions, run, train_py, write_jsonl
 
 import train
 
@@ -59,6 +59,10 @@ CASES = [
     ("lora-r-0", lambda d, m: ["--lora_r", "0"], "--lora_r must be > 0"),
     ("zero3-4bit-no-quant-storage", lambda d, m: ["--bits", "4", "--bf16", "--deepspeed", write(d / "in/z3.json", json.dumps(
         {"zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}}))], "pass --quant_storage bfloat16"),
+    ("zero3-8bit", lambda d, m: ["--bits", "8", "--deepspeed", os.path.join(ROOT, "configs/deepspeed-zero3.json")],
+     "cannot shard bitsandbytes 8-bit weights"),
+    ("fsdp-without-gpu", lambda d, m: ["--fsdp", "full_shard auto_wrap", "--bits", "16"], "FSDP needs GPUs"),
+    ("dry-run-world-size-alone", lambda d, m: ["--dry_run_world_size", "8"], "--dry_run_world_size 8: needs --dry_run"),
     ("packing-with-group-by-length", lambda d, m: ["--sample_packing", "--group_by_length"], "drop --group_by_length"),
     ("model-path-missing", lambda d, m: ["--model_name_or_path", str(d / "in/no-model")], "cannot load a model config"),
     ("unknown-lora-module", lambda d, m: ["--lora_modules", "query,v_proj"], "no linear layer named query"),

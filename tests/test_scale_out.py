@@ -1,0 +1,83 @@
+"""Scaling out changes nothing but speed: 1 process x batch 4, torchrun 2 x 2 (DDP) and torchrun 2 x 2 under
+DeepSpeed ZeRO-3 train the same losses, and --dry_run predicts the steps they take."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+from conftest import ROOT, conversations, run, train_py, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+STEPS = 4
+
+
+def flags(data: str, out: str, micro_batch: int) -> list[str]:
+    return ["--model_name_or_path", "{model}", "--dataset", data, "--dataset_format", "airoboros_chat",
+            "--output_dir", out, "--full_finetune", "--bits", "32", "--learning_rate", "1e-3",
+            "--per_device_train_batch_size", str(micro_batch), "--num_train_epochs", "1", "--max_steps", str(STEPS),
+            "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", str(STEPS), "--seed", "7",
+            "--lr_scheduler_type", "constant", "--report_to", "none"]
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", os.path.join(ROOT, "train.py"), *args]
+
+
+def losses(out) -> list[float]:
+    state = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("scale")
+    data = write_jsonl(root / "d.jsonl", conversations(40))
+    fill = lambda fs: [tiny_model if f == "{model}" else f for f in fs]  # noqa: E731
+    results = {}
+    for name, command in {
+        "1x4": train_py(*fill(flags(data, str(root / "1x4"), 4))),
+        "2x2": torchrun(*fill(flags(data, str(root / "2x2"), 2))),
+        "2x2-zero3": torchrun(*fill(flags(data, str(root / "2x2-zero3"), 2)),
+                              "--deepspeed", os.path.join(ROOT, "configs", "deepspeed-zero3.json")),
+    }.items():
+        result = run(command, cwd=str(root))
+        assert result.returncode == 0, f"{name}\n{result.output[-5000:]}"
+        results[name] = (root / name, result.output)
+    plan = run(train_py(*fill(flags(data, str(root / "plan"), 2)), "--dry_run", "--dry_run_world_size", "2"), cwd=str(root))
+    assert plan.returncode == 0, plan.output[-3000:]
+    return results, plan.output
+
+
+def test_two_processes_train_the_same_losses_as_one_with_the_same_global_batch(runs):
+    results, _ = runs
+    one, two = losses(results["1x4"][0]), losses(results["2x2"][0])
+    assert "world size 2" in results["2x2"][1]
+    assert len(one) == len(two) == STEPS
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5, (one, two)
+    assert one[-1] < one[0] - 0.05  # the weights did move (lr 1e-3): equal losses are not equal no-ops
+
+
+def test_deepspeed_zero3_trains_the_same_losses_and_saves_a_whole_model(runs):
+    import torch
+    from safetensors.torch import load_file
+
+    results, _ = runs
+    one, zero3 = losses(results["1x4"][0]), losses(results["2x2-zero3"][0])
+    assert "world size 2" in results["2x2-zero3"][1]
+    assert max(abs(a - b) for a, b in zip(one, zero3)) < 1e-5, (one, zero3)
+    single = load_file(str(results["1x4"][0] / "model.safetensors"))
+    sharded = load_file(str(results["2x2-zero3"][0] / "model.safetensors"))  # gathered from both ranks' shards
+    assert single.keys() == sharded.keys()
+    assert all(sharded[k].shape == single[k].shape and torch.allclose(sharded[k], single[k], atol=1e-4) for k in single)
+
+
+def test_dry_run_plans_the_steps_and_world_size_the_runs_took(runs):
+    results, plan_output = runs
+    plan = json.loads(next(line for line in plan_output.splitlines() if "plan-json: " in line).split("plan-json: ")[1])
+    assert plan["world_size"] == 2 and plan["samples_per_step"] == 4 and plan["total_steps"] == STEPS
+    for out, _ in results.values():
+        assert json.loads((out / "completed").read_text())["global_step"] == plan["total_steps"]
