@@ -106,7 +106,11 @@ def attention_context(dataset) -> float:
 
 def model_flops_per_token(model, context: float) -> float:
     """2N forward + 2N backward to the activations + 2N_trained backward to the trained weights (6N in a full
-    fine-tune; LoRA skips the frozen weights' gradients: 4N + 6N_lora), plus attention 12·L·(heads·head_dim)·T."""
+    fine-tune; LoRA skips the frozen weights' gradients: 4N + 6N_lora), plus attention 12·L·(heads·head_dim)·T.
+
+    With a frozen embedding (LoRA) the first layer's q/k/v input gradients are not needed either; they stay counted
+    (1/L of the attention inputs: ~0.4 % of a 7B model's 4N, 3 % of the 2-layer test model). FlopCounterMode also
+    counts attention's backward as 2.5x its forward where PaLM counts 2x (tests/test_outputs.py checks both)."""
     total, trainable = matmul_weights(model)
     config = model.config
     heads = getattr(config, "num_attention_heads", 0) or 0

@@ -305,3 +305,38 @@ def test_full_finetune_card_for_a_format_without_chat_template_runs_as_written(t
     assert reporting.load_report(str(tmp_path / "full")) == json.loads(json.dumps(report))
     exec(compile(re.search(r"```python\n(.*?)```", card, re.S).group(1), "README.md", "exec"), {})
     assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("method", [["--full_finetune"], ["--lora_modules", "all", "--lora_r", "8"]])
+def test_model_flops_formula_matches_the_flop_counter(tmp_path, tiny_model, method):
+    """The formula behind mfu (6N + 12LHT full, 4N + 6N_lora + 12LHT for LoRA) against what FlopCounterMode counts
+    for one training step on unpadded samples, term by term: the two differ only by torch counting attention's
+    backward as 2.5x its forward (PaLM: 2x) and, for LoRA, by the first layer's q/k/v input gradients that a frozen
+    embedding makes unnecessary (the formula keeps them: 1/L of the attention inputs)."""
+    import throughput
+
+    rows = [{"input_ids": [(7 * i + j) % 500 + 3 for j in range(8)]} for i in range(8)]  # 8 samples x 8 tokens
+    data_file = write_jsonl(tmp_path / "ids.jsonl", rows)
+    model_args, data_args, args, _ = train.parse_arguments(
+        ["--model_name_or_path", tiny_model, "--dataset", data_file, "--dataset_format", "pretokenized", "--bits", "32",
+         "--output_dir", str(tmp_path / "o"), "--max_steps", "1", "--per_device_train_batch_size", "8",
+         "--save_strategy", "no", "--report_to", "none", "--flop_counter", *method])
+    train.prepare_directories(args)
+    tokenizer = train.load_tokenizer(model_args, data_args)
+    model, new_tokens = train.load_model(model_args, args, tokenizer)
+    train_set, eval_set, _ = train.build_datasets(data_args, args, tokenizer)
+    trainer = train.build_trainer(train.add_adapters(model, args, new_tokens), args, data_args, tokenizer, train_set, eval_set)
+    meter = throughput.attach(trainer, args, train_set)
+    trainer.train()
+    config = trainer.model.config
+    torch_attention_convention = 2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * 8
+    first_layer_inputs = sum(  # layer 0's q/k/v projections read the embedding: base weights and LoRA A
+        module.in_features * module.out_features for name, module in trainer.model.named_modules()
+        if re.search(r"\.layers\.0\.self_attn\.[qkv]_proj($|\.base_layer$|\.lora_A\.)", name)
+        and next(module.children(), None) is None)
+    skipped = 0 if "--full_finetune" in method else 2 * first_layer_inputs
+    expected = meter.flops_per_token + torch_attention_convention - skipped
+    assert meter.counted_flops_per_token == pytest.approx(expected, rel=1e-9)
+    assert abs(meter.counted_flops_per_token / meter.flops_per_token - 1) < 0.04  # the formula's error, 2 layers
+    total, trainable = throughput.matmul_weights(trainer.model)
+    assert (trainable == total) == ("--full_finetune" in method) and trainable > 0
