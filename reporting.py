@@ -274,7 +274,7 @@ def model_card(directory: str, report: dict, kind: str) -> str:
         f"| base model | `{base}` |",
         f"| method | {method(settings)} |",
         f"| precision | {settings['precision']}{', activation checkpointing' if settings['activation_checkpointing'] else ''} |",
-        f"| learning rate | {settings['learning_rate']:g}, {settings['lr_scheduler_type']} schedule, {settings['warmup_steps']:g} warmup steps, weight decay {settings['weight_decay']:g} |",
+        f"| learning rate | {settings['learning_rate']:g}, {settings['lr_scheduler_type']} schedule, {warmup(settings['warmup_steps'])}, weight decay {settings['weight_decay']:g} |",
         f"| optimizer | {settings['optimizer']}, max grad norm {settings['max_grad_norm']:g} |",
         f"| length | {metrics.get('global_step', '?')} optimizer steps ({epochs}) |",
         f"| effective batch | {settings['effective_batch_size']} samples per step ({settings['per_device_train_batch_size']} per device x {settings['gradient_accumulation_steps']} accumulation x {settings['world_size']} processes) |",
@@ -336,6 +336,11 @@ METRIC_LABELS = [
     ("tokens_per_second", "tokens per second"),
     ("mfu", "model FLOPs utilization"),
 ]
+
+
+def warmup(steps: float) -> str:
+    """transformers 5 takes a ratio < 1 in --warmup_steps (legacy --warmup_ratio maps there)."""
+    return f"warmup {steps:.1%} of the steps" if 0 < steps < 1 else f"{steps:g} warmup steps"
 
 
 def format_value(value) -> str:

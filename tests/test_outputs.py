@@ -340,3 +340,41 @@ def test_model_flops_formula_matches_the_flop_counter(tmp_path, tiny_model, meth
     assert abs(meter.counted_flops_per_token / meter.flops_per_token - 1) < 0.04  # the formula's error, 2 layers
     total, trainable = throughput.matmul_weights(trainer.model)
     assert (trainable == total) == ("--full_finetune" in method) and trainable > 0
+
+
+@pytest.mark.parametrize(("device", "flags", "expected"), [
+    ("NVIDIA H100 80GB HBM3", {"bf16": True}, 989.4e12),
+    ("NVIDIA H100 PCIe", {"bf16": True}, 756e12),
+    ("NVIDIA H200", {"fp16": True}, 989.4e12),
+    ("NVIDIA A100-SXM4-80GB", {}, 19.5e12),  # fp32 without --tf32: no tensor cores
+    ("NVIDIA A100-SXM4-80GB", {"tf32": True}, 156e12),
+    ("NVIDIA A10G", {"bf16": True}, 125e12),
+    ("NVIDIA L4", {"bf16": True}, 121e12),
+    ("NVIDIA GeForce RTX 4090", {"bf16": True}, 165.2e12),
+    ("Tesla V100-SXM2-16GB", {"fp16": True}, 125e12),
+    ("Tesla V100-SXM2-16GB", {"bf16": True}, None),  # no bf16 on Volta: no mfu rather than a wrong one
+    ("NVIDIA B200", {"bf16": True}, None),  # unknown: --peak_tflops
+])
+def test_peak_flops_of_known_gpus(monkeypatch, device, flags, expected):
+    import torch
+
+    import throughput
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: device)
+    args = SimpleNamespace(peak_tflops=None, local_process_index=0, bf16=False, fp16=False, tf32=False)
+    vars(args).update(flags)
+    peak, why = throughput.peak_flops(args)
+    assert peak == expected and (expected or "--peak_tflops" in why)
+    args.peak_tflops = 42.0
+    assert throughput.peak_flops(args)[0] == 42e12  # the flag wins
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--do_predict", "--generation_samples", "0"], "--generation_samples must be > 0 with --do_predict"),
+    (["--eval_generation_samples", "2"], "--eval_generation_samples generates at each evaluation"),
+    (["--peak_tflops", "-1"], "--peak_tflops must be > 0"),
+])
+def test_output_flags_are_checked_up_front(small_data, tmp_path, flags, message):
+    with pytest.raises(train.UsageError, match=re.escape(message)):
+        train.parse_arguments(["--model_name_or_path", "m", "--dataset", small_data, "--output_dir", str(tmp_path / "o"), *flags])
