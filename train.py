@@ -32,8 +32,11 @@ import transformers
 from transformers import HfArgumentParser
 
 import data
+import inference
 import merging
 import planning
+import reporting
+import throughput
 import training_knobs
 from dataset_formats import FORMAT_INFO, FORMATS, end_token_id
 from training_knobs import ROPE_SCALING_TYPES
@@ -368,6 +371,65 @@ class TrainingArguments(transformers.TrainingArguments):
     include_num_input_tokens_seen: str = field(
         default="non_padding", metadata={"help": "Token counting used for the tokens/s log: all, non_padding or no."}
     )
+    do_predict: bool = field(
+        default=False,
+        metadata={
+            "help": "After training and the final evaluation, generate answers to --generation_samples eval prompts "
+            "(train prompts when there is no eval split) with the generation flags (--max_new_tokens, --do_sample, "
+            "...) and write predictions.jsonl (prompt, reference, prediction, token counts) into --output_dir; two "
+            "are logged. Each prompt is the sample's prompt ids exactly as trained, up to its first answer."
+        },
+    )
+    generation_samples: int = field(default=8, metadata={"help": "--do_predict: how many prompts get answers (> 0)."})
+    eval_generation_samples: int = field(
+        default=0,
+        metadata={"help": "At every evaluation during training, generate answers to this many eval prompts and log "
+                  "them (0: none; needs --eval_strategy steps or epoch)."},
+    )
+    push_to_hub: bool = field(
+        default=False,
+        metadata={
+            "help": "When the run is complete, upload --output_dir to the hub repo --hub_model_id and "
+            "--merged_output_dir to <hub_model_id>-merged (the completed marker stays local; checkpoints are never "
+            "pushed, so --hub_strategy does not apply). Checked before anything loads: HF_HUB_OFFLINE, no token "
+            "(HF_TOKEN, --hub_token or `hf auth login`), an unreachable hub or a rejected token stop the run (exit 2). "
+            "A failed upload exits 4 with the outputs complete locally; re-running the command retries only the push."
+        },
+    )
+    hub_model_id: Optional[str] = field(
+        default=None,
+        metadata={"help": "--push_to_hub: the repo, 'user/name' or 'org/name' (None: the --output_dir folder name in "
+                  "the token's namespace); the merged model goes to '<hub_model_id>-merged'. New repos are public "
+                  "unless --hub_private_repo."},
+    )
+    peak_tflops: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Peak dense TFLOP/s of ONE device in the training dtype (e.g. 989 for an H100 SXM in bf16), for the "
+            "mfu field logged next to tokens_per_second: mfu = tokens/s x model FLOPs per token / (processes x peak). "
+            "None: looked up for known GPUs (H100, H200, A100, A10G, L40S, L4, RTX 4090, V100, T4; vendors' dense "
+            "figures; bf16/fp16 with --bf16/--fp16, else fp32, or tf32 with --tf32); unknown devices log no mfu. "
+            "Model FLOPs per trained token = 2N (forward) + 2N (backward to the activations) + 2N_trained (backward "
+            "to the trained weights) + 12*L*H*T (attention, PaLM appendix B): N = weights of all linear layers "
+            "(output head included, embedding lookup not, 4-bit layers at full size), L layers, H = heads x head "
+            "dim, T = mean attention context per token. That is 6N + 12LHT for a full fine-tune and ~4N + 12LHT for "
+            "LoRA on a frozen base. Model FLOPs, not hardware FLOPs: padding, activation-checkpointing recompute "
+            "and dequantization are not counted."
+        },
+    )
+    flop_counter: bool = field(
+        default=False,
+        metadata={"help": "Count the FLOPs of the first optimizer step with torch.utils.flop_counter.FlopCounterMode "
+                  "(slows that step), log TFLOPs/step and FLOPs per token next to the formula's, and use the counted "
+                  "figure for mfu (it includes padding and recompute, so mfu then reads closer to hardware FLOPs "
+                  "utilization)."},
+    )
+    profiler_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Write a torch.profiler trace of training steps (wait 1, warmup 1, record 3; CPU and CUDA "
+                  "activity, shapes, memory) here, one *.pt.trace.json per rank for TensorBoard, chrome://tracing or "
+                  "ui.perfetto.dev (llama-recipes' --use_profiler --profiler_dir). None: no profiling."},
+    )
 
     def __post_init__(self):
         # With no GPU, use_cpu is what makes the Trainer see torchrun's ranks (gloo DDP) and accept bf16 (CPU
@@ -604,6 +666,7 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
     check_sharding(args)
     if args.dry_run_world_size is not None and (not args.dry_run or args.dry_run_world_size < 1):
         raise UsageError(f"--dry_run_world_size {args.dry_run_world_size}: needs --dry_run and a count >= 1")
+    validate_output_arguments(args)
     if "wandb" in (args.report_to or []) and not wandb_is_configured():
         raise UsageError(
             "--report_to wandb: no WANDB_API_KEY and no `wandb login`; set WANDB_API_KEY, or WANDB_MODE=offline "
@@ -733,6 +796,23 @@ def check_deepspeed_overrides(args: TrainingArguments) -> None:
                              f"({kind}); drop {flag}, or delete that section to use {flag}")
         logger.warning("--deepspeed %s has its own \"%s\" (%s): it is used instead of %s %s",
                        args.deepspeed, section, kind, flag, value)
+
+
+def validate_output_arguments(args: TrainingArguments) -> None:
+    """Predictions, throughput and hub flags; the hub itself is probed here, before anything loads."""
+    if args.do_predict and args.generation_samples <= 0:
+        raise UsageError(f"--generation_samples must be > 0 with --do_predict (got {args.generation_samples})")
+    if args.eval_generation_samples < 0:
+        raise UsageError(f"--eval_generation_samples must be >= 0 (got {args.eval_generation_samples})")
+    if args.eval_generation_samples and args.eval_strategy == "no":
+        raise UsageError("--eval_generation_samples generates at each evaluation, and --eval_strategy is no; pass "
+                         "--eval_strategy steps (with --eval_dataset_size), or use --do_predict after training")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise UsageError(f"--peak_tflops must be > 0 TFLOP/s per device (got {args.peak_tflops})")
+    check_writable_directory("--profiler_dir", args.profiler_dir)
+    problem = reporting.hub_push_problem(args) if args.push_to_hub else None
+    if problem:
+        raise UsageError(problem)
 
 
 def check_model_before_writing(model_args: ModelArguments, args: TrainingArguments,
@@ -1093,6 +1173,8 @@ class SFTTrainer(transformers.Trainer):
         last = getattr(self, "_tokens_clock", None)
         if "loss" in logs and last and now > last[0] and seen:
             logs["tokens_per_second"] = round((seen - last[1]) / (now - last[0]), 1)
+            if getattr(self, "throughput", None):  # set by throughput.attach: mfu next to tokens/s
+                logs.update(self.throughput.utilization(logs["tokens_per_second"]))
         if "loss" in logs or last is None:
             self._tokens_clock = (now, seen)
         super().log(logs, start_time)
@@ -1280,6 +1362,7 @@ def merge_only(model_args: ModelArguments, data_args: DataArguments, args: Train
         train_set, _, _ = build_datasets(data_args, args, load_tokenizer(model_args, data_args))
         samples = first_samples(train_set, args.merge_verify_samples)
     merge_adapter(model_args, args, tokenizer, gen_config, samples)
+    reporting.write_output_extras(args.merged_output_dir, reporting.load_report(saved))
     return 0
 
 
@@ -1300,6 +1383,9 @@ def finish_completed_run(model_args, args, tokenizer, gen_config) -> int:
     logger.info("this run already completed; its outputs are in %s (pass --overwrite_output_dir to train again)", args.final_output_dir)
     if merge_is_missing(args) and args.process_index == 0:
         merge_adapter(model_args, args, tokenizer, gen_config)
+        reporting.write_output_extras(args.merged_output_dir, reporting.load_report(args.final_output_dir))
+    if args.process_index == 0 and not reporting.push_outputs(args):
+        return 4
     return 0
 
 
@@ -1319,6 +1405,7 @@ def protect_secrets(args: TrainingArguments) -> None:
 def run(argv: list[str]) -> int:
     model_args, data_args, args, gen_args = parse_arguments(argv)
     protect_secrets(args)
+    reporting.take_over_hub_push(args)
     check_model_before_writing(model_args, args, data_args)
     if args.dry_run:
         return dry_run(model_args, data_args, args)
@@ -1337,6 +1424,8 @@ def run(argv: list[str]) -> int:
     model, new_tokens = load_model(model_args, args, tokenizer)
     model = add_adapters(model, args, new_tokens)
     trainer = build_trainer(model, args, data_args, tokenizer, train_set, eval_set)
+    throughput.attach(trainer, args, train_set)
+    inference.attach_eval_generations(trainer, tokenizer, eval_set, gen_config, args.eval_generation_samples)
     if args.do_train:
         check_disk_space(model, args)
         train(trainer, args)
@@ -1353,13 +1442,21 @@ def run(argv: list[str]) -> int:
         save_final(trainer, args, tokenizer, gen_config)
     if args.do_eval and eval_set is not None:
         trainer.save_metrics("eval", trainer.evaluate())
+    if args.do_predict:  # every rank generates (ZeRO-3 gathers weights); rank 0 writes
+        inference.write_predictions(trainer, tokenizer, eval_set if eval_set is not None else train_set, gen_config,
+                                    args.generation_samples, args.final_output_dir)
     trainer.accelerator.wait_for_everyone()
     if args.do_train and trainer.is_world_process_zero():
         global_step = trainer.state.global_step
+        report = reporting.build_report(trainer, model_args, data_args, args, tokenizer, gen_config)
+        reporting.write_output_extras(args.final_output_dir, report)
         del trainer, model  # free the training copy before the merge loads the base again
         if args.merged_output_dir:
             merge_adapter(model_args, args, tokenizer, gen_config, first_samples(train_set, args.merge_verify_samples))
+            reporting.write_output_extras(args.merged_output_dir, report)
         mark_completed(args, global_step)
+        if not reporting.push_outputs(args):
+            return 4
     return 0
 
 
