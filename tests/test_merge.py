@@ -211,3 +211,31 @@ def test_a_pytorch_bin_base_is_streamed_into_safetensors(sharded_base, tmp_path)
     from_safetensors = AutoModelForCausalLM.from_pretrained(tmp_path / "from_safetensors", dtype=torch.float32).state_dict()
     assert from_bin.keys() == from_safetensors.keys()
     assert all(torch.equal(from_bin[k], from_safetensors[k]) for k in from_bin)
+
+
+def test_rank_0_merges_alone_under_a_zero3_config_with_the_runs_rope_scaling(sharded_base, tmp_path):
+    """Under ZeRO-3 transformers builds every model through deepspeed.zero.Init, a collective: rank 0 merging (and
+    verifying) alone after training must not. The run's RoPE override goes into the merged config."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    import train
+
+    random_adapter(sharded_base, str(tmp_path / "adapter"))
+    model_args, _, args, _ = train.parse_arguments(
+        ["--merge_only", "--model_name_or_path", sharded_base, "--output_dir", str(tmp_path / "adapter"),
+         "--merged_output_dir", str(tmp_path / "merged"), "--bits", "32", "--merge_verify_samples", "1",
+         "--rope_scaling_type", "linear", "--rope_scaling_factor", "2", "--report_to", "none"])
+    train.prepare_directories(args)
+    zero3 = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        assert is_deepspeed_zero3_enabled()
+        tokenizer = AutoTokenizer.from_pretrained(tmp_path / "adapter")
+        report = train.merge_adapter(model_args, args, tokenizer, None)
+        assert is_deepspeed_zero3_enabled()  # restored for the rest of the run
+    finally:
+        unset_hf_deepspeed_config()
+        del zero3
+    assert report["max_abs_logit_diff"] < 1e-4, report  # the reference was loaded with the same RoPE scaling
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "linear" and config["rope_parameters"]["factor"] == 2
