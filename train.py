@@ -32,7 +32,11 @@ import transformers
 from transformers import HfArgumentParser
 
 import data
+import inference
+import merging
 import planning
+import reporting
+import throughput
 import training_knobs
 from dataset_formats import FORMAT_INFO, FORMATS, end_token_id
 from training_knobs import ROPE_SCALING_TYPES
@@ -235,8 +239,40 @@ class TrainingArguments(transformers.TrainingArguments):
     merged_output_dir: Optional[str] = field(
         default=None,
         metadata={
-            "help": "After an adapter run, reload the base model in 16-bit (bf16 with --bf16, fp16 with --fp16, "
-            "else fp32), merge the adapter and save a plain model here, with tokenizer and generation config."
+            "help": "After an adapter run (or with --merge_only), merge the adapter into the base model and save a "
+            "plain model here in bf16 with --bf16, fp16 with --fp16, else fp32, with tokenizer, chat template and "
+            "generation config. The merge streams one tensor at a time (memory: a few copies of the largest "
+            "tensor, not the model), keeps the base's shard layout, and appears only when complete."
+        },
+    )
+    merge_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Do not train: merge the adapter in --output_dir (a finished run's, or a checkpoint-N directory) "
+            "into --model_name_or_path and write --merged_output_dir (needed). --dataset is optional: it only "
+            "provides the --merge_verify_samples samples. Tokenizer and generation config come from --output_dir."
+        },
+    )
+    merge_base: str = field(
+        default="original",
+        metadata={
+            "help": "What a QLoRA (--bits 4) adapter is merged into: 'original' = the 16-bit base weights (what the "
+            "qlora scripts do; the merged model differs slightly from the 4-bit base+adapter that was trained), "
+            "'nf4_roundtrip' = those weights quantized and dequantized with the run's --quant_type/--double_quant "
+            "(recorded in base_quantization.json next to the adapter; without it these flags are assumed), i.e. exactly "
+            "what training computed with. "
+            "The verification (--merge_verify_samples) shows which is closer. Only 4-bit runs can use nf4_roundtrip.",
+            "choices": list(merging.MERGE_BASES),
+        },
+    )
+    merge_verify_samples: int = field(
+        default=4,
+        metadata={
+            "help": "After merging, compare the merged model with base+adapter (loaded as training loaded it) on this "
+            "many samples (the first training samples when --dataset is given and the merge follows training or "
+            "--merge_only; else a fixed built-in text), each cut to 512 tokens: max/mean |logit difference|, argmax "
+            "agreement and perplexities, logged and written to <merged_output_dir>/merge_verification.json. Loads "
+            "both models in full, one after the other; 0 skips it."
         },
     )
     overwrite_output_dir: bool = field(
@@ -334,6 +370,65 @@ class TrainingArguments(transformers.TrainingArguments):
     do_train: bool = field(default=True, metadata={"help": "Train (default). --do_train False with --do_eval only evaluates."})
     include_num_input_tokens_seen: str = field(
         default="non_padding", metadata={"help": "Token counting used for the tokens/s log: all, non_padding or no."}
+    )
+    do_predict: bool = field(
+        default=False,
+        metadata={
+            "help": "After training and the final evaluation, generate answers to --generation_samples eval prompts "
+            "(train prompts when there is no eval split) with the generation flags (--max_new_tokens, --do_sample, "
+            "...) and write predictions.jsonl (prompt, reference, prediction, token counts) into --output_dir; two "
+            "are logged. Each prompt is the sample's prompt ids exactly as trained, up to its first answer."
+        },
+    )
+    generation_samples: int = field(default=8, metadata={"help": "--do_predict: how many prompts get answers (> 0)."})
+    eval_generation_samples: int = field(
+        default=0,
+        metadata={"help": "At every evaluation during training, generate answers to this many eval prompts and log "
+                  "them (0: none; needs --eval_strategy steps or epoch)."},
+    )
+    push_to_hub: bool = field(
+        default=False,
+        metadata={
+            "help": "When the run is complete, upload --output_dir to the hub repo --hub_model_id and "
+            "--merged_output_dir to <hub_model_id>-merged (the completed marker stays local; checkpoints are never "
+            "pushed, so --hub_strategy does not apply). Checked before anything loads: HF_HUB_OFFLINE, no token "
+            "(HF_TOKEN, --hub_token or `hf auth login`), an unreachable hub or a rejected token stop the run (exit 2). "
+            "A failed upload exits 4 with the outputs complete locally; re-running the command retries only the push."
+        },
+    )
+    hub_model_id: Optional[str] = field(
+        default=None,
+        metadata={"help": "--push_to_hub: the repo, 'user/name' or 'org/name' (None: the --output_dir folder name in "
+                  "the token's namespace); the merged model goes to '<hub_model_id>-merged'. New repos are public "
+                  "unless --hub_private_repo."},
+    )
+    peak_tflops: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Peak dense TFLOP/s of ONE device in the training dtype (e.g. 989 for an H100 SXM in bf16), for the "
+            "mfu field logged next to tokens_per_second: mfu = tokens/s x model FLOPs per token / (processes x peak). "
+            "None: looked up for known GPUs (H100, H200, A100, A10G, L40S, L4, RTX 4090, V100, T4; vendors' dense "
+            "figures; bf16/fp16 with --bf16/--fp16, else fp32, or tf32 with --tf32); unknown devices log no mfu. "
+            "Model FLOPs per trained token = 2N (forward) + 2N (backward to the activations) + 2N_trained (backward "
+            "to the trained weights) + 12*L*H*T (attention, PaLM appendix B): N = weights of all linear layers "
+            "(output head included, embedding lookup not, 4-bit layers at full size), L layers, H = heads x head "
+            "dim, T = mean attention context per token. That is 6N + 12LHT for a full fine-tune and ~4N + 12LHT for "
+            "LoRA on a frozen base. Model FLOPs, not hardware FLOPs: padding, activation-checkpointing recompute "
+            "and dequantization are not counted."
+        },
+    )
+    flop_counter: bool = field(
+        default=False,
+        metadata={"help": "Count the FLOPs of the first optimizer step with torch.utils.flop_counter.FlopCounterMode "
+                  "(slows that step), log TFLOPs/step and FLOPs per token next to the formula's, and use the counted "
+                  "figure for mfu (it includes padding and recompute, so mfu then reads closer to hardware FLOPs "
+                  "utilization)."},
+    )
+    profiler_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Write a torch.profiler trace of training steps (wait 1, warmup 1, record 3; CPU and CUDA "
+                  "activity, shapes, memory) here, one *.pt.trace.json per rank for TensorBoard, chrome://tracing or "
+                  "ui.perfetto.dev (llama-recipes' --use_profiler --profiler_dir). None: no profiling."},
     )
 
     def __post_init__(self):
@@ -525,12 +620,13 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
     """Cross-field rules, checked before anything loads; each message says how to fix it."""
     if not model_args.model_name_or_path:
         raise UsageError("--model_name_or_path is required (a local model directory or a hub id)")
-    if not data_args.dataset:
+    if not data_args.dataset and not args.merge_only:
         raise UsageError("--dataset is required (a .json/.jsonl/.parquet/.csv/.tsv file or a hub dataset name)")
-    for dataset in data_args.dataset:
+    check_merge_arguments(model_args, args)
+    for dataset in data_args.dataset or []:
         if data.looks_local(dataset) and not os.path.isfile(dataset):
             raise UsageError(f"--dataset {dataset}: file not found (cwd: {os.getcwd()})")
-    if len(data_args.dataset_format) not in (1, len(data_args.dataset)):
+    if len(data_args.dataset_format) not in (1, len(data_args.dataset or [])):
         raise UsageError(
             f"{len(data_args.dataset)} datasets but {len(data_args.dataset_format)} formats; give one --dataset_format "
             "for all, or one per --dataset in the same order"
@@ -570,6 +666,7 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
     check_sharding(args)
     if args.dry_run_world_size is not None and (not args.dry_run or args.dry_run_world_size < 1):
         raise UsageError(f"--dry_run_world_size {args.dry_run_world_size}: needs --dry_run and a count >= 1")
+    validate_output_arguments(args)
     if "wandb" in (args.report_to or []) and not wandb_is_configured():
         raise UsageError(
             "--report_to wandb: no WANDB_API_KEY and no `wandb login`; set WANDB_API_KEY, or WANDB_MODE=offline "
@@ -578,6 +675,28 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
     if data_args.expand_conversations:
         logger.info("--expand_conversations: every assistant turn is trained already, one sample per conversation")
     model_args.attn_implementation = resolve_attention(model_args.attn_implementation)
+
+
+def check_merge_arguments(model_args: ModelArguments, args: TrainingArguments) -> None:
+    if args.merge_only and not args.merged_output_dir:
+        raise UsageError("--merge_only writes the merged model to --merged_output_dir; pass it")
+    if args.merge_only and not os.path.isfile(os.path.join(args.output_dir, "adapter_config.json")):
+        raise UsageError(f"--merge_only merges the adapter in --output_dir, and {args.output_dir} has no "
+                         "adapter_config.json; pass the directory a LoRA run saved to (or a checkpoint-N in it)")
+    if args.merge_only and args.overwrite_output_dir:
+        raise UsageError("--overwrite_output_dir deletes checkpoints and --merge_only never changes --output_dir; drop it")
+    if args.merge_base == "nf4_roundtrip" and not args.merge_only and args.bits != 4:
+        raise UsageError(f"--merge_base nf4_roundtrip re-creates the 4-bit weights of a --bits 4 run (got --bits "
+                         f"{args.bits}); drop --merge_base or use --merge_base original")
+    if args.merge_verify_samples < 0:
+        raise UsageError(f"--merge_verify_samples must be >= 0 (got {args.merge_verify_samples}); 0 skips the check")
+    if args.merged_output_dir:  # the merge replaces that directory whole: it must not hold what it reads
+        merged = os.path.realpath(args.merged_output_dir)
+        local_model = model_args.model_name_or_path if os.path.isdir(model_args.model_name_or_path) else None
+        for flag, path in (("--output_dir", args.output_dir), ("--model_name_or_path", local_model)):
+            if path and os.path.commonpath([merged, os.path.realpath(path)]) == merged:
+                raise UsageError(f"--merged_output_dir {args.merged_output_dir} would replace {flag} {path}; pick "
+                                 "another directory")
 
 
 def check_writable_directory(flag: str, path: Optional[str]) -> None:
@@ -677,6 +796,23 @@ def check_deepspeed_overrides(args: TrainingArguments) -> None:
                              f"({kind}); drop {flag}, or delete that section to use {flag}")
         logger.warning("--deepspeed %s has its own \"%s\" (%s): it is used instead of %s %s",
                        args.deepspeed, section, kind, flag, value)
+
+
+def validate_output_arguments(args: TrainingArguments) -> None:
+    """Predictions, throughput and hub flags; the hub itself is probed here, before anything loads."""
+    if args.do_predict and args.generation_samples <= 0:
+        raise UsageError(f"--generation_samples must be > 0 with --do_predict (got {args.generation_samples})")
+    if args.eval_generation_samples < 0:
+        raise UsageError(f"--eval_generation_samples must be >= 0 (got {args.eval_generation_samples})")
+    if args.eval_generation_samples and args.eval_strategy == "no":
+        raise UsageError("--eval_generation_samples generates at each evaluation, and --eval_strategy is no; pass "
+                         "--eval_strategy steps (with --eval_dataset_size), or use --do_predict after training")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise UsageError(f"--peak_tflops must be > 0 TFLOP/s per device (got {args.peak_tflops})")
+    check_writable_directory("--profiler_dir", args.profiler_dir)
+    problem = reporting.hub_push_problem(args) if args.push_to_hub else None
+    if problem:
+        raise UsageError(problem)
 
 
 def check_model_before_writing(model_args: ModelArguments, args: TrainingArguments,
@@ -1037,6 +1173,8 @@ class SFTTrainer(transformers.Trainer):
         last = getattr(self, "_tokens_clock", None)
         if "loss" in logs and last and now > last[0] and seen:
             logs["tokens_per_second"] = round((seen - last[1]) / (now - last[0]), 1)
+            if getattr(self, "throughput", None):  # set by throughput.attach: mfu next to tokens/s
+                logs.update(self.throughput.utilization(logs["tokens_per_second"]))
         if "loss" in logs or last is None:
             self._tokens_clock = (now, seen)
         super().log(logs, start_time)
@@ -1174,6 +1312,8 @@ def save_final(trainer, args: TrainingArguments, tokenizer, gen_config) -> None:
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(staging)
         gen_config.save_pretrained(staging)
+        if not args.full_finetune:
+            base_loading(args).save(staging)  # a later merge re-creates the weights the adapter trained against
         for name in os.listdir(staging):
             target = os.path.join(args.final_output_dir, name)
             if os.path.isdir(target) and not os.path.islink(target):
@@ -1184,29 +1324,50 @@ def save_final(trainer, args: TrainingArguments, tokenizer, gen_config) -> None:
     logger.info("saved %s to %s", "model" if args.full_finetune else "adapter", args.final_output_dir)
 
 
-def merge_adapter(model_args: ModelArguments, args: TrainingArguments, tokenizer, gen_config) -> None:
-    """Base model in 16-bit (or fp32) + adapter -> one plain model, written to a temp dir and renamed into place."""
-    import peft
+def merge_adapter(model_args: ModelArguments, args: TrainingArguments, tokenizer, gen_config, samples=None) -> dict:
+    """The adapter in --output_dir + the base -> a plain model in --merged_output_dir, streamed (see merging.py)."""
     import torch
 
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-    base = transformers.AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path, dtype=dtype, trust_remote_code=model_args.trust_remote_code,
-        config=training_knobs.rope_scaled_config(model_args),
-    )
-    if len(tokenizer) != base.get_input_embeddings().weight.shape[0]:
-        base.resize_token_embeddings(len(tokenizer))
-    merged = peft.PeftModel.from_pretrained(base, args.final_output_dir).merge_and_unload()
-    merged.config.use_cache = True
-    merged.generation_config = gen_config
-    target = args.merged_output_dir.rstrip(os.sep)
-    tmp = f"{target}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    logger.info("merged model (%s) saved to %s", str(dtype).replace("torch.", ""), target)
+    with planning.without_zero3_init():  # rank 0 merges alone: no ZeRO-3 collective construction
+        return merging.merge_adapter(
+            model_args.model_name_or_path, args.final_output_dir, args.merged_output_dir, dtype,
+            merge_base=args.merge_base, trained_against=base_loading(args), tokenizer=tokenizer,
+            generation_config=gen_config, verify_samples=args.merge_verify_samples, samples=samples,
+            trust_remote_code=model_args.trust_remote_code, base_config=training_knobs.rope_scaled_config(model_args),
+        )
+
+
+def base_loading(args: TrainingArguments) -> merging.BaseLoading:
+    """How load_model loads the base for these flags; saved with the adapter, read back by later merges."""
+    compute = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
+    dtype = {4: compute, 8: compute, 16: "bfloat16" if args.bf16 else "float16", 32: "float32"}[args.bits]
+    return merging.BaseLoading(bits=args.bits, dtype=dtype, quant_type=args.quant_type, double_quant=args.double_quant,
+                               quant_storage=args.quant_storage)
+
+
+def merge_only(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments, gen_args) -> int:
+    """--merge_only: the tokenizer and generation config saved with the adapter go with the merged model."""
+    if args.process_index != 0:  # launched with several processes: one merge is enough
+        return 0
+    saved = args.final_output_dir
+    has_tokenizer = os.path.isfile(os.path.join(saved, "tokenizer_config.json"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(saved) if has_tokenizer else load_tokenizer(model_args, data_args)
+    if os.path.isfile(os.path.join(saved, "generation_config.json")):
+        gen_config = transformers.GenerationConfig.from_pretrained(saved)
+    else:
+        gen_config = generation_config(gen_args, tokenizer, data_args.dataset_format)
+    samples = None
+    if data_args.dataset and args.merge_verify_samples:
+        train_set, _, _ = build_datasets(data_args, args, load_tokenizer(model_args, data_args))
+        samples = first_samples(train_set, args.merge_verify_samples)
+    merge_adapter(model_args, args, tokenizer, gen_config, samples)
+    reporting.write_output_extras(args.merged_output_dir, reporting.load_report(saved))
+    return 0
+
+
+def first_samples(train_set, count: int) -> list[dict]:
+    return [train_set[i] for i in range(min(count, len(train_set)))]
 
 
 def merge_is_missing(args: TrainingArguments) -> bool:
@@ -1222,6 +1383,9 @@ def finish_completed_run(model_args, args, tokenizer, gen_config) -> int:
     logger.info("this run already completed; its outputs are in %s (pass --overwrite_output_dir to train again)", args.final_output_dir)
     if merge_is_missing(args) and args.process_index == 0:
         merge_adapter(model_args, args, tokenizer, gen_config)
+        reporting.write_output_extras(args.merged_output_dir, reporting.load_report(args.final_output_dir))
+    if args.process_index == 0 and not reporting.push_outputs(args):
+        return 4
     return 0
 
 
@@ -1241,11 +1405,14 @@ def protect_secrets(args: TrainingArguments) -> None:
 def run(argv: list[str]) -> int:
     model_args, data_args, args, gen_args = parse_arguments(argv)
     protect_secrets(args)
+    reporting.take_over_hub_push(args)
     check_model_before_writing(model_args, args, data_args)
     if args.dry_run:
         return dry_run(model_args, data_args, args)
     prepare_directories(args)
     transformers.set_seed(args.seed)
+    if args.merge_only:
+        return merge_only(model_args, data_args, args, gen_args)
     tokenizer = load_tokenizer(model_args, data_args)
     gen_config = generation_config(gen_args, tokenizer, data_args.dataset_format)
     if is_completed(args) and not data_args.prepare_only:
@@ -1257,6 +1424,8 @@ def run(argv: list[str]) -> int:
     model, new_tokens = load_model(model_args, args, tokenizer)
     model = add_adapters(model, args, new_tokens)
     trainer = build_trainer(model, args, data_args, tokenizer, train_set, eval_set)
+    throughput.attach(trainer, args, train_set)
+    inference.attach_eval_generations(trainer, tokenizer, eval_set, gen_config, args.eval_generation_samples)
     if args.do_train:
         check_disk_space(model, args)
         train(trainer, args)
@@ -1273,13 +1442,21 @@ def run(argv: list[str]) -> int:
         save_final(trainer, args, tokenizer, gen_config)
     if args.do_eval and eval_set is not None:
         trainer.save_metrics("eval", trainer.evaluate())
+    if args.do_predict:  # every rank generates (ZeRO-3 gathers weights); rank 0 writes
+        inference.write_predictions(trainer, tokenizer, eval_set if eval_set is not None else train_set, gen_config,
+                                    args.generation_samples, args.final_output_dir)
     trainer.accelerator.wait_for_everyone()
     if args.do_train and trainer.is_world_process_zero():
         global_step = trainer.state.global_step
+        report = reporting.build_report(trainer, model_args, data_args, args, tokenizer, gen_config)
+        reporting.write_output_extras(args.final_output_dir, report)
         del trainer, model  # free the training copy before the merge loads the base again
         if args.merged_output_dir:
-            merge_adapter(model_args, args, tokenizer, gen_config)
+            merge_adapter(model_args, args, tokenizer, gen_config, first_samples(train_set, args.merge_verify_samples))
+            reporting.write_output_extras(args.merged_output_dir, report)
         mark_completed(args, global_step)
+        if not reporting.push_outputs(args):
+            return 4
     return 0
 
 
@@ -1292,7 +1469,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         argv.remove("--debug")
     try:
         return run(argv)
-    except (UsageError, data.DataError) as error:
+    except (UsageError, data.DataError, merging.MergeError) as error:
         if process_rank() == 0 or debug:  # every rank sees the same bad input: say it once
             logger.error("%s", error, exc_info=debug)
         return 2

@@ -26,9 +26,10 @@ def test_help_lists_every_flag_with_meaning_and_default(tmp_path):
     assert result.returncode == 0, result.output
     for flag in ("--lora_modules", "--merged_output_dir", "--working_dir", "--attn_implementation", "--bits",
                  "--quant_type", "--max_new_tokens", "--dataset_format", "--eval_dataset_size", "--excess_length",
-                 "--prepare_only", "--overwrite_output_dir"):
+                 "--prepare_only", "--overwrite_output_dir", "--merge_only", "--merge_verify_samples"):
         assert flag in result.output
     assert "{4,8,16,32}" in result.output and "{nf4,fp4}" in result.output  # choices
+    assert "{original,nf4_roundtrip}" in result.output
     assert "airoboros_chat" in result.output  # formats come from the registry
     assert "(default: 64)" in result.output  # lora_r's default is shown
 
@@ -48,6 +49,10 @@ BAD_FLAGS = [
     (["--learning_rat", "1e-4"], "did you mean --learning_rate?"),
     (["--warmup_ratio", "3"], "--warmup_ratio 3: must be in [0, 1)"),
     (["stray_value"], "unexpected argument 'stray_value'"),
+    (["--merge_only"], "has no adapter_config.json; pass the directory a LoRA run saved to"),
+    (["--merge_base", "nf4_roundtrip", "--bits", "16"], "--merge_base nf4_roundtrip re-creates the 4-bit weights"),
+    (["--merge_base", "nf4"], "invalid choice: 'nf4'"),
+    (["--merge_verify_samples", "-1"], "--merge_verify_samples must be >= 0"),
 ]
 
 
@@ -172,3 +177,11 @@ def test_recipe_lists_datasets_with_formats_and_a_custom_format(tmp_path, data_f
     _, data_args, _, _ = parse(str(recipe))
     assert data_args.dataset == [data_file, data_file] and data_args.dataset_format == ["alpaca", "custom"]
     assert data_args.custom_format == "<q>{instruction} {input}<a>" and data_args.custom_field_output == "answer"
+
+
+def test_merged_output_dir_may_not_hold_what_the_merge_reads(tmp_path, data_file):
+    with pytest.raises(train.UsageError, match="would replace --output_dir"):
+        parse("--model_name_or_path", "m", "--dataset", data_file, "--output_dir", str(tmp_path / "run" / "adapter"),
+              "--merged_output_dir", str(tmp_path / "run"))
+    with pytest.raises(train.UsageError, match="--merge_only writes the merged model to --merged_output_dir"):
+        parse("--model_name_or_path", "m", "--output_dir", "o", "--merge_only")

@@ -119,6 +119,11 @@ def test_qlora_recipe_accelerate_2_procs_with_merge(tmp_path, tiny_model):
     assert json.loads((out / "generation_config.json").read_text())["max_new_tokens"] == 4096
     merged_config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in merged_config and merged_config["dtype"] == "bfloat16"
+    recorded = json.loads((peft_out / "base_quantization.json").read_text())  # what a later nf4_roundtrip rebuilds
+    assert (recorded["bits"], recorded["quant_type"], recorded["double_quant"], recorded["dtype"]) == (4, "nf4", True, "bfloat16")
+    check = json.loads((out / "merge_verification.json").read_text())
+    assert check["sample_source"] == "training samples" and "4-bit nf4" in check["reference"]
+    assert check["merge_base"] == "original" and check["argmax_agreement"] > 0.5
     import data
     from transformers import AutoTokenizer
 
@@ -152,6 +157,8 @@ def test_lora_fp32_merge_matches_base_plus_adapter(tmp_path, tiny_model):
     base_logits = logits(tiny_model, ids)
     assert (merged_logits - reference).abs().max().item() <= 1e-4
     assert (merged_logits - base_logits).abs().max().item() > 1e-3  # the adapter really changed the model
+    check = json.loads((merged / "merge_verification.json").read_text())
+    assert check["samples"] == 4 and check["sample_source"] == "training samples" and check["max_abs_logit_diff"] <= 1e-4
 
     # a finished run whose merge is missing: re-running only merges, it does not train again
     shutil.rmtree(merged)

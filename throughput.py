@@ -1,0 +1,248 @@
+"""How fast a run uses its hardware: model FLOPs per token, MFU next to tokens/s, a FLOP counter and a profiler.
+
+Separate from train.py because it is measurement, not training: it only reads the model and the data, adds
+callbacks, and extends the log lines that SFTTrainer.log already writes (tokens_per_second -> mfu).
+
+The FLOPs are *model* FLOPs (what the architecture needs per trained token), not hardware FLOPs: padding,
+activation-checkpointing recompute and 4-bit dequantization are not counted, as in the PaLM paper's MFU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import transformers
+
+logger = logging.getLogger("train")
+
+# Dense (no 2:4 sparsity) peak TFLOP/s per device from the vendors' datasheets, by training dtype.
+# "float32" is plain FP32 (PyTorch does not use TF32 for matmuls unless --tf32 is given).
+PEAK_TFLOPS = {
+    "h100 sxm": {"bfloat16": 989.4, "float16": 989.4, "tf32": 494.7, "float32": 66.9},
+    "h100 pcie": {"bfloat16": 756.0, "float16": 756.0, "tf32": 378.0, "float32": 51.2},
+    "h200": {"bfloat16": 989.4, "float16": 989.4, "tf32": 494.7, "float32": 66.9},
+    "a100": {"bfloat16": 312.0, "float16": 312.0, "tf32": 156.0, "float32": 19.5},
+    "a10g": {"bfloat16": 125.0, "float16": 125.0, "tf32": 62.5, "float32": 31.2},  # A10 datasheet figures
+    "l40s": {"bfloat16": 362.1, "float16": 362.1, "tf32": 183.0, "float32": 91.6},
+    "l4": {"bfloat16": 121.0, "float16": 121.0, "tf32": 60.0, "float32": 30.3},
+    "rtx 4090": {"bfloat16": 165.2, "float16": 165.2, "tf32": 82.6, "float32": 82.6},  # FP32 accumulate
+    "v100 sxm": {"float16": 125.0, "float32": 15.7},
+    "v100 pcie": {"float16": 112.0, "float32": 14.0},
+    "t4": {"float16": 65.0, "float32": 8.1},
+}
+PROFILER_SCHEDULE = {"wait": 1, "warmup": 1, "active": 3, "repeat": 1}
+LENGTH_SAMPLE_ROWS = 1000  # rows read to estimate the attention context length
+
+
+def chip_name(device_name: str) -> Optional[str]:
+    """torch.cuda.get_device_name() -> a PEAK_TFLOPS key ("NVIDIA H100 80GB HBM3" -> "h100 sxm")."""
+    name = device_name.lower()
+    if "h100" in name:
+        return "h100 pcie" if "pcie" in name else "h100 sxm" if ("hbm3" in name or "sxm" in name) else None
+    for chip in ("h200", "a100", "a10g", "l40s", "rtx 4090", "t4"):
+        if chip in name:
+            return chip
+    if "l4" in name and "l40" not in name:
+        return "l4"
+    if "v100" in name:
+        return "v100 pcie" if "pcie" in name else "v100 sxm"
+    return None
+
+
+def training_dtype(args) -> str:
+    if args.bf16:
+        return "bfloat16"
+    if args.fp16:
+        return "float16"
+    return "tf32" if args.tf32 else "float32"
+
+
+def peak_flops(args) -> tuple[Optional[float], str]:
+    """Peak FLOP/s of one device: --peak_tflops, else the table for the local GPU; (None, why) when unknown."""
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12, f"--peak_tflops {args.peak_tflops}"
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, "no GPU: pass --peak_tflops to log MFU"
+    device = torch.cuda.get_device_name(args.local_process_index if args.local_process_index >= 0 else 0)
+    chip, dtype = chip_name(device), training_dtype(args)
+    if chip is None or dtype not in PEAK_TFLOPS[chip]:
+        return None, f"no known {dtype} peak for {device!r}: pass --peak_tflops to log MFU"
+    return PEAK_TFLOPS[chip][dtype] * 1e12, f"{device} ({chip}, {dtype} dense {PEAK_TFLOPS[chip][dtype]} TFLOP/s)"
+
+
+def matmul_weights(model) -> tuple[int, int]:
+    """(all, trainable) weights that multiply activations: every linear layer at its logical shape (a 4-bit layer
+    stores half the elements), LoRA A/B included, the output head included, the embedding lookup not."""
+    total = trainable = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or next(module.children(), None) is not None:
+            continue
+        if hasattr(module, "in_features") and hasattr(module, "out_features"):
+            count = module.in_features * module.out_features
+            total += count
+            trainable += count if weight.requires_grad else 0
+    return total, trainable
+
+
+def attention_context(dataset) -> float:
+    """sum(s^2) / sum(s) over the samples of the first rows: each token attends over its own sample's length
+    (packed rows restart positions per sample and attention stays within it)."""
+    rows = dataset.select(range(min(LENGTH_SAMPLE_ROWS, len(dataset))))
+    lengths: list[int] = []
+    for row in rows:
+        positions = row.get("position_ids")
+        if positions is None:
+            lengths.append(len(row["input_ids"]))
+            continue
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+        lengths += [b - a for a, b in zip(starts, starts[1:]) if b > a]
+    return sum(s * s for s in lengths) / max(1, sum(lengths))
+
+
+def model_flops_per_token(model, context: float) -> float:
+    """2N forward + 2N backward to the activations + 2N_trained backward to the trained weights (6N in a full
+    fine-tune; LoRA skips the frozen weights' gradients: 4N + 6N_lora), plus attention 12·L·(heads·head_dim)·T.
+
+    With a frozen embedding (LoRA) the first layer's q/k/v input gradients are not needed either; they stay counted
+    (1/L of the attention inputs: ~0.4 % of a 7B model's 4N, 3 % of the 2-layer test model). FlopCounterMode also
+    counts attention's backward as 2.5x its forward where PaLM counts 2x (tests/test_outputs.py checks both)."""
+    total, trainable = matmul_weights(model)
+    config = model.config
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else 0)
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    return 4 * total + 2 * trainable + 12 * layers * heads * head_dim * context
+
+
+class Throughput:
+    """Turns the tokens/s of a log line into MFU: tokens/s x FLOPs per token / (devices x peak FLOP/s)."""
+
+    def __init__(self, flops_per_token: float, peak: Optional[float], world_size: int):
+        self.flops_per_token = flops_per_token
+        self.counted_flops_per_token: Optional[float] = None  # set by FlopCounterCallback
+        self.counted_flops_per_step: Optional[float] = None
+        self.peak = peak
+        self.world_size = world_size
+
+    def utilization(self, tokens_per_second: float) -> dict:
+        if not self.peak:
+            return {}
+        per_token = self.counted_flops_per_token or self.flops_per_token
+        return {"mfu": round(tokens_per_second * per_token / (self.world_size * self.peak), 5)}
+
+
+class FlopCounterCallback(transformers.TrainerCallback):
+    """--flop_counter: counts the first optimizer step of this session (all its micro-batches, forward and
+    backward) with torch.utils.flop_counter.FlopCounterMode, logs TFLOPs/step and uses it for MFU."""
+
+    def __init__(self, meter: Throughput):
+        self.meter = meter
+        self.mode = None
+        self.tokens_before = 0
+        self.done = False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.done or self.mode is not None:
+            return
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self.mode = FlopCounterMode(display=False, custom_mapping=cpu_attention_formulas())
+        self.mode.__enter__()
+        self.tokens_before = state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.mode is None:
+            return
+        self.mode.__exit__(None, None, None)
+        flops, self.mode, self.done = self.mode.get_total_flops(), None, True
+        tokens = state.num_input_tokens_seen - self.tokens_before  # gathered over all ranks
+        self.meter.counted_flops_per_step = float(flops)
+        if tokens > 0:
+            self.meter.counted_flops_per_token = flops * self.meter.world_size / tokens
+        logger.info(
+            "--flop_counter: step %d took %.6g TFLOPs on this device (%d tokens on all ranks): %.4g GFLOPs per token "
+            "counted, %.4g by the model-FLOPs formula", state.global_step, flops / 1e12, tokens,
+            (self.meter.counted_flops_per_token or 0) / 1e9, self.meter.flops_per_token / 1e9,
+        )
+
+
+def cpu_attention_formulas() -> dict:
+    """FlopCounterMode knows the CUDA attention kernels but not sdpa's CPU kernel, which would count as 0."""
+    import torch
+    from torch.utils import flop_counter
+
+    kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    kernel_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    helpers = hasattr(flop_counter, "sdpa_flop_count") and hasattr(flop_counter, "sdpa_backward_flop_count")
+    if not (kernel and kernel_backward and helpers):
+        return {}
+    return {kernel: count_cpu_attention, kernel_backward: count_cpu_attention_backward}
+
+
+def count_cpu_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+def count_cpu_attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+class ProfilerCallback(transformers.TrainerCallback):
+    """--profiler_dir: a torch.profiler trace of training steps (wait 1, warmup 1, active 3), as llama-recipes'
+    --use_profiler; one trace per rank, readable by TensorBoard, chrome://tracing or ui.perfetto.dev."""
+
+    def __init__(self, directory: str, rank: int):
+        self.directory, self.rank = directory, rank
+        self.profiler = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import torch
+
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        os.makedirs(self.directory, exist_ok=True)
+        self.profiler = torch.profiler.profile(
+            activities=activities,
+            schedule=torch.profiler.schedule(**PROFILER_SCHEDULE),
+            on_trace_ready=torch.profiler.tensorboard_trace_handler(self.directory, worker_name=f"rank{self.rank}"),
+            record_shapes=True,
+            profile_memory=True,
+        )
+        self.profiler.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.profiler is not None:
+            self.profiler.step()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.profiler is None:
+            return
+        self.profiler.stop()  # writes the trace if the active steps began (a run shorter than 3 steps writes none)
+        self.profiler = None
+        logger.info("--profiler_dir: trace written to %s (TensorBoard, chrome://tracing or ui.perfetto.dev)", self.directory)
+
+
+def attach(trainer, args, train_set) -> Throughput:
+    """Estimate model FLOPs per token, find the peak, add the --flop_counter / --profiler_dir callbacks; the
+    meter is read by SFTTrainer.log."""
+    peak, source = peak_flops(args)
+    per_token = model_flops_per_token(trainer.model, attention_context(train_set))
+    meter = Throughput(per_token, peak, args.world_size)
+    logger.info("model FLOPs per trained token: %.4g GFLOPs; MFU %s", per_token / 1e9,
+                f"against {source}" if peak else f"not logged ({source})")
+    if args.flop_counter:
+        trainer.add_callback(FlopCounterCallback(meter))
+    if args.profiler_dir:
+        trainer.add_callback(ProfilerCallback(args.profiler_dir, args.process_index))
+    trainer.throughput = meter
+    return meter
