@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -43,6 +44,25 @@ def run(command: list[str], cwd: str, timeout: int = 900, **env: str) -> subproc
     result = subprocess.run(command, cwd=cwd, env=child_env(**env), capture_output=True, text=True, timeout=timeout)
     result.output = result.stdout + result.stderr
     return result
+
+
+def build_stages(model: str, data_file: str, out_dir, *flags: str) -> SimpleNamespace:
+    """run()'s stages up to the trainer, in-process: the fastest way to check that a flag takes effect."""
+    import train
+
+    model_args, data_args, args, gen_args = train.parse_arguments(
+        ["--model_name_or_path", model, "--dataset", data_file, "--output_dir", str(out_dir), "--report_to", "none",
+         *flags]
+    )
+    train.check_model_before_writing(model_args, args, data_args)
+    train.prepare_directories(args)
+    tokenizer = train.load_tokenizer(model_args, data_args)
+    model, new_tokens = train.load_model(model_args, args, tokenizer)
+    model = train.add_adapters(model, args, new_tokens)
+    train_set, eval_set, _ = train.build_datasets(data_args, args, tokenizer)
+    trainer = train.build_trainer(model, args, data_args, tokenizer, train_set, eval_set)
+    return SimpleNamespace(trainer=trainer, model=trainer.model, tokenizer=tokenizer, model_args=model_args,
+                           data_args=data_args, args=args, gen_args=gen_args, train_set=train_set, eval_set=eval_set)
 
 
 def train_py(*flags: str) -> list[str]:

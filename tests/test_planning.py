@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import ROOT, conversations, run, write_jsonl
+from conftest import ROOT, build_stages, conversations, run, write_jsonl
 from real_configs import REAL_CONFIGS, config_only_model
 
 import planning
@@ -118,25 +118,18 @@ def test_memory_estimate_matches_what_the_tiny_model_allocates(tmp_path, tiny_mo
     """Weights, gradients and optimizer states are summed from the real tensors after a training step;
     activations are the bytes malloc hands out during the forward pass of the longest batch."""
     data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "x " * 200, "response": "y " * 50}] * 8)
-    flags = ["--model_name_or_path", tiny_model, "--dataset", data, "--output_dir", str(tmp_path / "o"),
-             "--bits", "32", "--per_device_train_batch_size", "4", "--report_to", "none", "--optim", "adamw_torch"]
+    flags = ["--bits", "32", "--per_device_train_batch_size", "4", "--optim", "adamw_torch"]
     flags += {"full": ["--full_finetune"], "lora": ["--lora_r", "8"],
               "lora-checkpointing": ["--lora_r", "8", "--gradient_checkpointing"],
               "full-frozen": ["--full_finetune", "--layers_to_freeze", "1"],
               "lora-frozen": ["--lora_r", "8", "--layers_to_freeze", "1"]}[mode]
-    model_args, data_args, args, _ = train.parse_arguments(flags)
-    train.prepare_directories(args)
-    tokenizer = train.load_tokenizer(model_args, data_args)
-    train_set, _, _ = train.build_datasets(data_args, args, tokenizer)
+    built = build_stages(tiny_model, data, tmp_path / "o", *flags)
+    model, trainer, train_set, args = built.model, built.trainer, built.train_set, built.args
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(tiny_model)
-    plan = planning.make_plan(config, tokenizer, train_set, args, data_args.model_max_len, 1, "sdpa")
+    plan = planning.make_plan(config, built.tokenizer, train_set, args, built.data_args.model_max_len, 1, "sdpa")
     estimate = {k: v * planning.GIB for k, v in plan.memory_gib.items()}
-
-    model, new_tokens = train.load_model(model_args, args, tokenizer)
-    model = train.add_adapters(model, args, new_tokens)
-    trainer = train.build_trainer(model, args, data_args, tokenizer, train_set, None)
     batch = trainer.data_collator([train_set[i] for i in range(4)])
     assert batch["input_ids"].shape[1] == plan.longest_row
     model.train()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import instructions, run, train_py, write_jsonl
+from conftest import build_stages, instructions, run, train_py, write_jsonl
 
 import train
 
@@ -17,17 +17,8 @@ def data_file(tmp_path):
 
 
 def stages(tiny_model, data_file, tmp_path, *flags):
-    model_args, data_args, args, _ = train.parse_arguments(
-        ["--model_name_or_path", tiny_model, "--dataset", data_file, "--output_dir", str(tmp_path / "o"),
-         "--report_to", "none", *flags]
-    )
-    train.prepare_directories(args)
-    tokenizer = train.load_tokenizer(model_args, data_args)
-    model, new_tokens = train.load_model(model_args, args, tokenizer)
-    model = train.add_adapters(model, args, new_tokens)
-    train_set, eval_set, _ = train.build_datasets(data_args, args, tokenizer)
-    trainer = train.build_trainer(model, args, data_args, tokenizer, train_set, eval_set)
-    return trainer, tokenizer
+    built = build_stages(tiny_model, data_file, tmp_path / "o", *flags)
+    return built.trainer, built.tokenizer
 
 
 def test_qlora_flags_build_a_4bit_model_with_adapters_and_checkpointing(tiny_model, data_file, tmp_path):

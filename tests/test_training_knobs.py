@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, instructions, write_jsonl
+from conftest import ROOT, build_stages, instructions, write_jsonl
 
 import train
 import training_knobs
@@ -24,19 +24,7 @@ def data_file(tmp_path):
 
 def build(tiny_model, data_file, tmp_path, *flags):
     """The stages of run() up to the trainer, with the same checks first."""
-    model_args, data_args, args, gen_args = train.parse_arguments(
-        ["--model_name_or_path", tiny_model, "--dataset", data_file, "--output_dir", str(tmp_path / "o"),
-         "--report_to", "none", "--save_strategy", "no", "--max_steps", "2", *flags]
-    )
-    train.check_model_before_writing(model_args, args, data_args)
-    train.prepare_directories(args)
-    tokenizer = train.load_tokenizer(model_args, data_args)
-    model, new_tokens = train.load_model(model_args, args, tokenizer)
-    model = train.add_adapters(model, args, new_tokens)
-    train_set, eval_set, _ = train.build_datasets(data_args, args, tokenizer)
-    trainer = train.build_trainer(model, args, data_args, tokenizer, train_set, eval_set)
-    return SimpleNamespace(trainer=trainer, model=trainer.model, tokenizer=tokenizer, model_args=model_args,
-                           data_args=data_args, args=args, gen_args=gen_args)
+    return build_stages(tiny_model, data_file, tmp_path / "o", "--save_strategy", "no", "--max_steps", "2", *flags)
 
 
 def exit_code_and_log(argv, caplog, capsys):
