@@ -794,8 +794,9 @@ def check_deepspeed_overrides(args: TrainingArguments) -> None:
         if value != TrainingArguments.__dataclass_fields__[name].default:
             raise UsageError(f"{flag} {value} would be ignored: --deepspeed {args.deepspeed} has its own \"{section}\" "
                              f"({kind}); drop {flag}, or delete that section to use {flag}")
-        logger.warning("--deepspeed %s has its own \"%s\" (%s): it is used instead of %s %s",
-                       args.deepspeed, section, kind, flag, value)
+        if process_rank() == 0:  # a fact about the config, not about a rank: say it once
+            logger.warning("--deepspeed %s has its own \"%s\" (%s): it is used instead of %s %s",
+                           args.deepspeed, section, kind, flag, value)
 
 
 def validate_output_arguments(args: TrainingArguments) -> None:

@@ -81,3 +81,39 @@ def test_dry_run_plans_the_steps_and_world_size_the_runs_took(runs):
     assert plan["world_size"] == 2 and plan["samples_per_step"] == 4 and plan["total_steps"] == STEPS
     for out, _ in results.values():
         assert json.loads((out / "completed").read_text())["global_step"] == plan["total_steps"]
+
+
+def test_accelerate_fsdp_config_is_valid_and_refused_on_a_machine_without_gpus(tmp_path, tiny_model):
+    """FSDP is GPU-only: without CUDA, transformers/accelerate would silently run plain DDP. The shipped config must
+    parse as an accelerate FSDP config, and launching it here must stop with the reason before anything is written."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config_file = os.path.join(ROOT, "configs", "accelerate-fsdp.yaml")
+    config = load_config_from_file(config_file)
+    assert config.distributed_type == "FSDP" and config.fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD"
+    assert config.fsdp_config["fsdp_cpu_ram_efficient_loading"] and not config.fsdp_config["fsdp_use_orig_params"]
+    data = write_jsonl(tmp_path / "d.jsonl", conversations(8))
+    result = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file, "--num_processes",
+                  "2", os.path.join(ROOT, "train.py"), "--model_name_or_path", tiny_model, "--dataset", data,
+                  "--dataset_format", "airoboros_chat", "--output_dir", str(tmp_path / "out"), "--bits", "4",
+                  "--quant_storage", "bfloat16", "--bf16", "--max_steps", "1", "--report_to", "none"], cwd=str(tmp_path))
+    assert result.returncode != 0
+    assert "FSDP needs GPUs" in result.output and "--deepspeed configs/deepspeed-zero3.json" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_qlora_under_zero3_with_cpu_offload_trains_and_rank_0_merges(tmp_path, tiny_model):
+    """4-bit weights stored like the rest of the model (--quant_storage) shard under ZeRO-3, with weights and
+    optimizer states offloaded (DeepSpeed's cpu_adam, compiled once into the venv); the merge after it runs on
+    rank 0 alone (it used to build its model through ZeRO-3's collective init and crash)."""
+    data = write_jsonl(tmp_path / "d.jsonl", conversations(16))
+    result = run(torchrun("--model_name_or_path", tiny_model, "--dataset", data, "--dataset_format", "airoboros_chat",
+                          "--output_dir", str(tmp_path / "adapter"), "--merged_output_dir", str(tmp_path / "merged"),
+                          "--bits", "4", "--quant_storage", "float32", "--lora_r", "4", "--max_steps", "2",
+                          "--per_device_train_batch_size", "2", "--merge_verify_samples", "1", "--report_to", "none",
+                          "--deepspeed", os.path.join(ROOT, "configs", "deepspeed-zero3-offload.json")), cwd=str(tmp_path))
+    assert result.returncode == 0, result.output[-5000:]
+    assert "world size 2" in result.output and 'has its own "optimizer" (AdamW)' in result.output
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists() and (tmp_path / "adapter" / "completed").exists()
+    report = json.loads((tmp_path / "merged" / "merge_verification.json").read_text())
+    assert report["samples"] == 1 and report["max_abs_logit_diff"] < 1.0
