@@ -197,7 +197,11 @@ def method(settings: dict) -> str:
 
 
 def curves_title(settings: dict) -> str:
-    return f"{os.path.basename(settings['base_model'].rstrip('/'))}: {method(settings).split(',')[0]}"
+    base = os.path.basename(settings["base_model"].rstrip("/"))
+    if settings["full_finetune"]:
+        return f"{base}: full fine-tune, {settings['bits']}-bit weights"
+    kind = {4: f"QLoRA 4-bit {settings['quant_type']}", 8: "QLoRA 8-bit"}.get(settings["bits"], f"LoRA, {settings['bits']}-bit base")
+    return f"{base}: {kind}, r={settings['lora_r']}"
 
 
 def plot_curves(log_history: list[dict], path: str, title: str) -> None:
