@@ -21,12 +21,12 @@ How the estimate is derived (bytes per device; p = bytes of the compute dtype: 2
   FSDP (full shard) divides weights, gradients and optimizer states by the world size.
 - activations, per token of the longest micro-batch (--per_device_train_batch_size x the longest prepared row):
   each decoder layer keeps p x (8 h + 3 kv + 4 f) (h hidden, kv the key/value width, f the MLP width; 6 h with a
-  frozen base, whose norms need not keep their outputs), plus
-  p x heads x length with eager attention (the probabilities; sdpa/flash keep none), plus the LoRA A outputs
-  (p x r per adapted layer) and, with --lora_dropout, the dropped inputs (p + 1 per input feature). The loss keeps
-  the logits and an fp32 copy: (p + 4) x vocab. With --gradient_checkpointing a layer keeps only its input (p x h)
-  and one layer is recomputed at a time. Frozen bottom layers (--layers_to_freeze) keep nothing. Checked on the tiny model against the bytes actually allocated in a
-  forward pass (tests/test_planning.py).
+  frozen base, whose norms need not keep their outputs), plus p x heads x length with eager attention (the
+  probabilities; sdpa/flash keep none), plus the LoRA A outputs (p x r per adapted layer) and, with
+  --lora_dropout, the dropped inputs (p + 1 per input feature). The loss keeps the logits and an fp32 copy:
+  (p + 4) x vocab. With --gradient_checkpointing a layer keeps only its input (p x h) and one layer is recomputed
+  at a time. Frozen bottom layers (--layers_to_freeze) keep nothing. Checked on the tiny model against the bytes
+  actually allocated in a forward pass (tests/test_planning.py; figures in BENCHMARKS.md).
 Not counted: the CUDA context and allocator slack (typically 1-3 GiB), communication buckets, eval batches.
 """
 
