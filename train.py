@@ -811,6 +811,13 @@ def validate_output_arguments(args: TrainingArguments) -> None:
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         raise UsageError(f"--peak_tflops must be > 0 TFLOP/s per device (got {args.peak_tflops})")
     check_writable_directory("--profiler_dir", args.profiler_dir)
+    strategy = getattr(args.hub_strategy, "value", args.hub_strategy)
+    if strategy != "every_save":
+        raise UsageError(f"--hub_strategy {strategy} would be ignored: checkpoints are never pushed, only the finished "
+                         "output directories (see --push_to_hub); drop --hub_strategy")
+    if args.hub_model_id and not args.push_to_hub:
+        raise UsageError(f"--hub_model_id {args.hub_model_id} without --push_to_hub uploads nothing; add --push_to_hub "
+                         "or drop --hub_model_id")
     problem = reporting.hub_push_problem(args) if args.push_to_hub else None
     if problem:
         raise UsageError(problem)

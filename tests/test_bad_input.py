@@ -63,6 +63,8 @@ CASES = [
      "cannot shard bitsandbytes 8-bit weights"),
     ("fsdp-without-gpu", lambda d, m: ["--fsdp", "full_shard auto_wrap", "--bits", "16"], "FSDP needs GPUs"),
     ("dry-run-world-size-alone", lambda d, m: ["--dry_run_world_size", "8"], "--dry_run_world_size 8: needs --dry_run"),
+    ("hub-strategy-ignored", lambda d, m: ["--hub_strategy", "checkpoint"], "--hub_strategy checkpoint would be ignored"),
+    ("hub-model-id-without-push", lambda d, m: ["--hub_model_id", "me/x"], "without --push_to_hub uploads nothing"),
     ("packing-with-group-by-length", lambda d, m: ["--sample_packing", "--group_by_length"], "drop --group_by_length"),
     ("model-path-missing", lambda d, m: ["--model_name_or_path", str(d / "in/no-model")], "cannot load a model config"),
     ("unknown-lora-module", lambda d, m: ["--lora_modules", "query,v_proj"], "no linear layer named query"),
