@@ -44,6 +44,7 @@ from training_knobs import ROPE_SCALING_TYPES
 logger = logging.getLogger("train")
 
 COMPLETED_MARKER = "completed"
+RESUME_LATEST = ("true", "latest", "1")  # --resume_from_checkpoint values that mean "the newest complete checkpoint"
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
 FLASH_ATTN_HINT = "pip install -r requirements-gpu.txt  (flash-attn; needs CUDA and nvcc)"
 
@@ -278,6 +279,12 @@ class TrainingArguments(transformers.TrainingArguments):
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Start fresh: delete old checkpoints in --working_dir and the completed marker."},
+    )
+    resume_from_checkpoint: Optional[str] = field(
+        default=None,
+        metadata={"help": "A checkpoint-N directory to resume from (weights, optimizer, scheduler, RNG, data position). "
+                  "None (or 'latest'/'true'): a re-run resumes from the newest complete checkpoint in --working_dir by "
+                  "itself, skipping torn ones."},
     )
     full_finetune: bool = field(
         default=False, metadata={"help": "Train all weights instead of LoRA adapters; needs --bits 16 or 32."}
@@ -653,6 +660,8 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
         raise UsageError(f"--model_max_len must be > 0 (got {data_args.model_max_len})")
     if data_args.eval_dataset_size < 0:
         raise UsageError(f"--eval_dataset_size must be >= 0 (got {data_args.eval_dataset_size})")
+    if args.do_eval and data_args.eval_dataset_size == 0 and not args.merge_only:
+        raise UsageError("--do_eval needs an eval split; pass --eval_dataset_size (e.g. 0.02) or drop --do_eval")
     if args.eval_strategy != "no" and data_args.eval_dataset_size == 0:
         raise UsageError(
             f"--eval_strategy {args.eval_strategy.value} needs an eval split; pass --eval_dataset_size "
@@ -664,6 +673,11 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
                        ("--merged_output_dir", args.merged_output_dir), ("--dataset_prepared_path", data_args.dataset_prepared_path)):
         check_writable_directory(flag, path)
     check_sharding(args)
+    resume = args.resume_from_checkpoint
+    if resume and str(resume).lower() not in RESUME_LATEST and not checkpoint_is_complete(resume):
+        raise UsageError(f"--resume_from_checkpoint {resume}: not a complete checkpoint directory (no readable "
+                         "trainer_state.json); pass a checkpoint-N directory, or drop the flag: a re-run resumes from "
+                         "the newest complete checkpoint in --working_dir by itself")
     if args.dry_run_world_size is not None and (not args.dry_run or args.dry_run_world_size < 1):
         raise UsageError(f"--dry_run_world_size {args.dry_run_world_size}: needs --dry_run and a count >= 1")
     validate_output_arguments(args)
@@ -1227,6 +1241,14 @@ def find_resume_checkpoint(args: TrainingArguments) -> Optional[str]:
     return None
 
 
+def resume_checkpoint(args: TrainingArguments) -> Optional[str]:
+    """--resume_from_checkpoint DIR when given (checked in validate_arguments), else the newest complete one."""
+    explicit = args.resume_from_checkpoint
+    if explicit and str(explicit).lower() not in RESUME_LATEST:
+        return explicit
+    return find_resume_checkpoint(args)
+
+
 def checkpoint_is_complete(path: str) -> bool:
     """The Trainer writes trainer_state.json last, after weights, optimizer, scheduler and RNG states; a checkpoint
     whose state file is missing or unreadable (or that carries transformers' JIT-checkpoint sentinel) is torn."""
@@ -1268,7 +1290,7 @@ def train(trainer, args: TrainingArguments) -> None:
         "world size %d: %d per device x %d accumulation x %d processes = %d samples per optimizer step",
         args.world_size, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size, per_step,
     )
-    checkpoint = find_resume_checkpoint(args)
+    checkpoint = resume_checkpoint(args)
     if checkpoint:
         logger.info("resuming from %s (weights, optimizer, scheduler, RNG and data position)", checkpoint)
     result = trainer.train(resume_from_checkpoint=checkpoint)

@@ -121,3 +121,23 @@ def test_overwrite_output_dir_starts_fresh(tmp_path, tiny_model):
     assert "starting fresh" in again.output and "resuming from" not in again.output
     assert again.output.count("'loss'") == 6 and not stale.exists()
     assert json.loads((out / "completed").read_text())["global_step"] == 6
+
+
+def test_resume_from_checkpoint_flag_is_used_not_ignored(tmp_path, tiny_model):
+    import train
+
+    data = write_jsonl(tmp_path / "d.jsonl", instructions(8))
+    work = tmp_path / "work"
+    for step in (2, 4):
+        (work / f"checkpoint-{step}").mkdir(parents=True)
+        (work / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    base = ["--model_name_or_path", tiny_model, "--dataset", data, "--output_dir", str(tmp_path / "out"),
+            "--working_dir", str(work), "--report_to", "none"]
+    for value, expected in ((None, "checkpoint-4"), ("latest", "checkpoint-4"), (str(work / "checkpoint-2"), "checkpoint-2")):
+        args = train.parse_arguments(base + (["--resume_from_checkpoint", value] if value else []))[2]
+        train.prepare_directories(args)
+        assert os.path.basename(train.resume_checkpoint(args)) == expected, value
+    (work / "checkpoint-3").mkdir()  # torn: no trainer_state.json
+    for bad in (str(work / "checkpoint-3"), str(tmp_path / "nowhere")):
+        with pytest.raises(train.UsageError, match="not a complete checkpoint directory"):
+            train.parse_arguments(base + ["--resume_from_checkpoint", bad])
