@@ -646,6 +646,9 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
         raise UsageError("--merged_output_dir merges an adapter; a --full_finetune run has none. Drop one of them")
     if args.bf16 and args.fp16:
         raise UsageError("--bf16 and --fp16 both given; pick one")
+    if args.fp16 and not has_accelerator() and process_rank() == 0:
+        logger.warning("--fp16 changes nothing without a GPU: the Trainer computes in fp32 on CPU (CPU autocast is "
+                       "bf16 only); use --bf16 to run mixed precision here")
     if not args.full_finetune:
         if args.lora_r <= 0:
             raise UsageError(f"--lora_r must be > 0 (got {args.lora_r})")

@@ -127,6 +127,19 @@ def test_flash_attention_falls_back_to_sdpa_without_cuda(caplog, data_file):
     assert any("using sdpa" in r.getMessage() for r in caplog.records)
 
 
+def test_fp16_on_a_machine_without_gpu_says_it_changes_nothing(caplog, data_file, monkeypatch):
+    import train
+
+    monkeypatch.setattr(train, "has_accelerator", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="train"):
+        parse("--model_name_or_path", "m", "--dataset", data_file, "--output_dir", "o", "--fp16", "--bits", "32")
+    assert any("--fp16 changes nothing without a GPU" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="train"):
+        parse("--model_name_or_path", "m", "--dataset", data_file, "--output_dir", "o", "--bf16", "--bits", "32")
+    assert not any("--fp16" in r.getMessage() for r in caplog.records)
+
+
 def test_flash_attention_on_cuda_without_flash_attn_gives_install_hint(monkeypatch):
     import importlib.util
 
