@@ -642,6 +642,7 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
         raise UsageError(
             f"--full_finetune needs --bits 16 or 32 (got {args.bits}); drop --bits or drop --full_finetune"
         )
+    check_mode_flags(args)
     if args.full_finetune and args.merged_output_dir:
         raise UsageError("--merged_output_dir merges an adapter; a --full_finetune run has none. Drop one of them")
     if args.bf16 and args.fp16:
@@ -714,6 +715,18 @@ def check_merge_arguments(model_args: ModelArguments, args: TrainingArguments) -
             if path and os.path.commonpath([merged, os.path.realpath(path)]) == merged:
                 raise UsageError(f"--merged_output_dir {args.merged_output_dir} would replace {flag} {path}; pick "
                                  "another directory")
+
+
+def check_mode_flags(args: TrainingArguments) -> None:
+    """Flags of a mode the run is not in would be silently ignored: set away from their defaults, they are refused."""
+    fields = TrainingArguments.__dataclass_fields__
+    changed = lambda names: [f"--{n} {getattr(args, n)}" for n in names if getattr(args, n) != fields[n].default]  # noqa: E731
+    if args.full_finetune and changed(("lora_r", "lora_alpha", "lora_dropout", "lora_modules")):
+        raise UsageError(f"{', '.join(changed(('lora_r', 'lora_alpha', 'lora_dropout', 'lora_modules')))}: LoRA "
+                         "settings, but --full_finetune trains no adapter; drop them or drop --full_finetune")
+    if args.bits != 4 and changed(("quant_type", "quant_storage")):
+        raise UsageError(f"{', '.join(changed(('quant_type', 'quant_storage')))} only apply to --bits 4 (got --bits "
+                         f"{args.bits}); drop them or pass --bits 4")
 
 
 def check_writable_directory(flag: str, path: Optional[str]) -> None:
