@@ -138,13 +138,11 @@ def count_parameters(config, vocab_size: int, args, new_tokens: bool) -> Paramet
     return ParameterCounts(total, quantizable, lora + copies, lora, copies)
 
 
-def deepspeed_settings(config) -> dict:
-    if not config:
+def deepspeed_settings(args) -> dict:
+    """ZeRO stage and offloads of --deepspeed ({} without it), from the config the TrainingArguments already read."""
+    if not args.deepspeed:
         return {}
-    if isinstance(config, str):
-        with open(config) as handle:
-            config = json.load(handle)
-    zero = config.get("zero_optimization", {})
+    zero = args.hf_deepspeed_config.config.get("zero_optimization", {})
     offload = lambda key: (zero.get(key) or {}).get("device", "none") not in ("none", None)  # noqa: E731
     return {"stage": int(zero.get("stage", 0)), "offload_optimizer": offload("offload_optimizer"),
             "offload_param": offload("offload_param")}
@@ -170,7 +168,7 @@ def estimate_memory(config, counts: ParameterCounts, args, micro_batch: int, row
     gradients = counts.trainable * trainable_bytes
     states, state_bytes = OPTIMIZER_STATES.get(str(getattr(args.optim, "value", args.optim)), (2, None))
     optimizer = counts.trainable * states * (state_bytes or trainable_bytes)
-    ds = deepspeed_settings(args.deepspeed)
+    ds = deepspeed_settings(args)
     if ds:
         mixed = 2 if (args.bf16 or args.fp16) else 4
         gradients = counts.trainable * mixed

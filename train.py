@@ -717,16 +717,23 @@ def check_merge_arguments(model_args: ModelArguments, args: TrainingArguments) -
                                  "another directory")
 
 
+def non_default(args: TrainingArguments, names: tuple[str, ...]) -> list[str]:
+    """'--name value' for each of these flags set away from its default (what a user explicitly asked for)."""
+    fields = TrainingArguments.__dataclass_fields__
+    values = {name: getattr(getattr(args, name), "value", getattr(args, name)) for name in names}
+    return [f"--{name} {value}" for name, value in values.items() if value != fields[name].default]
+
+
 def check_mode_flags(args: TrainingArguments) -> None:
     """Flags of a mode the run is not in would be silently ignored: set away from their defaults, they are refused."""
-    fields = TrainingArguments.__dataclass_fields__
-    changed = lambda names: [f"--{n} {getattr(args, n)}" for n in names if getattr(args, n) != fields[n].default]  # noqa: E731
-    if args.full_finetune and changed(("lora_r", "lora_alpha", "lora_dropout", "lora_modules")):
-        raise UsageError(f"{', '.join(changed(('lora_r', 'lora_alpha', 'lora_dropout', 'lora_modules')))}: LoRA "
-                         "settings, but --full_finetune trains no adapter; drop them or drop --full_finetune")
-    if args.bits != 4 and changed(("quant_type", "quant_storage")):
-        raise UsageError(f"{', '.join(changed(('quant_type', 'quant_storage')))} only apply to --bits 4 (got --bits "
-                         f"{args.bits}); drop them or pass --bits 4")
+    lora = non_default(args, ("lora_r", "lora_alpha", "lora_dropout", "lora_modules")) if args.full_finetune else []
+    if lora:
+        raise UsageError(f"{', '.join(lora)}: LoRA settings, but --full_finetune trains no adapter; drop them or drop "
+                         "--full_finetune")
+    quantization = non_default(args, ("quant_type", "quant_storage")) if args.bits != 4 else []
+    if quantization:
+        raise UsageError(f"{', '.join(quantization)} only apply to --bits 4 (got --bits {args.bits}); drop them or "
+                         "pass --bits 4")
 
 
 def check_writable_directory(flag: str, path: Optional[str]) -> None:
@@ -760,7 +767,7 @@ def fsdp_requested(args: TrainingArguments) -> bool:
 def check_sharding(args: TrainingArguments) -> None:
     """Combinations of DeepSpeed / FSDP with quantization that would crash late or silently do something else."""
     fsdp = fsdp_requested(args)
-    ds_stage = planning.deepspeed_settings(args.deepspeed).get("stage", 0) if args.deepspeed else 0
+    ds_stage = planning.deepspeed_settings(args).get("stage", 0)
     if fsdp and not has_accelerator() and not args.dry_run:  # a dry run plans for the GPU machine
         raise UsageError(
             "FSDP needs GPUs: without CUDA, transformers and accelerate silently fall back to plain DDP (every rank "
@@ -811,22 +818,18 @@ def check_deepspeed_overrides(args: TrainingArguments) -> None:
     --lr_scheduler_type without a word. A flag set away from its default is an error; otherwise say which is used."""
     if not args.deepspeed:
         return
-    config = args.deepspeed
-    if isinstance(config, str):
-        with open(config) as handle:
-            config = json.load(handle)
+    config = args.hf_deepspeed_config.config  # the JSON as TrainingArguments read it
     for section, flag, name in (("optimizer", "--optim", "optim"),
                                 ("scheduler", "--lr_scheduler_type", "lr_scheduler_type")):
         if section not in config:
             continue
         kind = config[section].get("type", "?") if isinstance(config[section], dict) else "?"
-        value = getattr(getattr(args, name), "value", getattr(args, name))
-        if value != TrainingArguments.__dataclass_fields__[name].default:
-            raise UsageError(f"{flag} {value} would be ignored: --deepspeed {args.deepspeed} has its own \"{section}\" "
-                             f"({kind}); drop {flag}, or delete that section to use {flag}")
+        if non_default(args, (name,)):
+            raise UsageError(f"{non_default(args, (name,))[0]} would be ignored: --deepspeed {args.deepspeed} has its "
+                             f"own \"{section}\" ({kind}); drop {flag}, or delete that section to use {flag}")
         if process_rank() == 0:  # a fact about the config, not about a rank: say it once
             logger.warning("--deepspeed %s has its own \"%s\" (%s): it is used instead of %s %s",
-                           args.deepspeed, section, kind, flag, value)
+                           args.deepspeed, section, kind, flag, getattr(getattr(args, name), "value", getattr(args, name)))
 
 
 def validate_output_arguments(args: TrainingArguments) -> None:
@@ -853,30 +856,35 @@ def validate_output_arguments(args: TrainingArguments) -> None:
         raise UsageError(problem)
 
 
-def check_model_before_writing(model_args: ModelArguments, args: TrainingArguments,
-                               data_args: Optional[DataArguments] = None) -> None:
-    """The model exists and the LoRA target names are real, checked on an empty (meta) model before any write."""
-    import torch
-
+def check_model_before_writing(model_args: ModelArguments, args: TrainingArguments, data_args: DataArguments):
+    """The model exists, and what needs its structure (LoRA target names, layers to freeze, RoPE parameters) is
+    checked on its config and one empty (meta) model, before any write. Returns the config."""
     try:
         config = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
     except (OSError, ValueError) as error:
         raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load a model config "
                          f"({str(error).splitlines()[0]}); pass a local model directory or a reachable hub id") from error
-    check_knobs_against_model(config, model_args, args, data_args.model_max_len if data_args else None)
-    if args.full_finetune or args.lora_modules.strip() == "all":
-        return
+    named_targets = not args.full_finetune and args.lora_modules.strip() != "all"
+    freezing = args.layers_to_freeze is not None or args.layer_freeze_ratio is not None
+    skeleton = empty_model(config, model_args) if named_targets or freezing else None
+    check_knobs_against_model(config, skeleton, model_args, args, data_args.model_max_len)
+    if named_targets:
+        lora_target_list(skeleton, args.lora_modules)
+    return config
+
+
+def empty_model(config, model_args: ModelArguments):
+    """The model's modules with no memory behind them (meta device), never through ZeRO-3's collective init."""
+    import torch
+
     with torch.device("meta"), planning.without_zero3_init():
-        skeleton = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
-    lora_target_list(skeleton, args.lora_modules)
+        return transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
 
 
-def check_knobs_against_model(config, model_args: ModelArguments, args: TrainingArguments,
-                              model_max_len: Optional[int]) -> None:
+def check_knobs_against_model(config, skeleton, model_args: ModelArguments, args: TrainingArguments,
+                              model_max_len: int) -> None:
     """Layer freezing needs the layer count and the decoder layer list; RoPE scaling needs rope_parameters."""
     import copy
-
-    import torch
 
     layers = config.num_hidden_layers
     frozen = training_knobs.frozen_layer_count(args.layers_to_freeze, args.layer_freeze_ratio, layers)
@@ -886,9 +894,6 @@ def check_knobs_against_model(config, model_args: ModelArguments, args: Training
         if frozen >= layers:
             raise UsageError(f"{flag} {value} freezes {frozen} layers but the model has {layers} decoder layers; "
                              f"freeze at most {layers - 1} so that some layer trains")
-        with torch.device("meta"), planning.without_zero3_init():
-            skeleton = transformers.AutoModelForCausalLM.from_config(
-                config, trust_remote_code=model_args.trust_remote_code)
         if training_knobs.decoder_layers(skeleton) is None:
             raise UsageError(f"{flag}: no list of {layers} decoder layers found in {type(skeleton).__name__}; "
                              f"drop {flag}")
@@ -1032,13 +1037,15 @@ def apply_llama1_patch(tokenizer) -> None:
     logger.info("--llama1_patch: special tokens set to %s", special)
 
 
-def build_datasets(data_args: DataArguments, args: TrainingArguments, tokenizer):
-    """Rank 0 prepares (and caches) first; the other ranks then reuse its cache or repeat the same seeded work."""
+def build_datasets(data_args: DataArguments, args: TrainingArguments, tokenizer, write: bool = True):
+    """Rank 0 prepares (and caches) first; the other ranks then reuse its cache or repeat the same seeded work.
+    write=False (--dry_run) reads an existing cache but writes none."""
     seed = args.data_seed if args.data_seed is not None else args.seed
     if data_args.dataset_prepared_path is None:
-        data_args.dataset_prepared_path = os.path.join(args.working_dir, "prepared_data")
+        data_args.dataset_prepared_path = os.path.join(args.working_dir or args.output_dir, "prepared_data")
     with args.main_process_first(desc="dataset preparation"):
-        train, evaluation, stats = data.prepare_datasets(data_args, tokenizer, seed, write=args.process_index == 0)
+        train, evaluation, stats = data.prepare_datasets(data_args, tokenizer, seed,
+                                                         write=write and args.process_index == 0)
     logger.info("sample 0 as trained ([[...]] = trained tokens):\n%s", data.preview(train[0], tokenizer))
     return train, evaluation, stats
 
@@ -1314,16 +1321,12 @@ def train(trainer, args: TrainingArguments) -> None:
     trainer.save_metrics("train", result.metrics)
 
 
-def dry_run(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments) -> int:
+def dry_run(config, model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments) -> int:
     """--dry_run: the same checks and tokenization as a real run, nothing loaded but the config, nothing written."""
     import torch
 
     tokenizer = load_tokenizer(model_args, data_args)
-    if data_args.dataset_prepared_path is None:
-        data_args.dataset_prepared_path = os.path.join(args.working_dir or args.output_dir, "prepared_data")
-    seed = args.data_seed if args.data_seed is not None else args.seed
-    train_set, _, _ = data.prepare_datasets(data_args, tokenizer, seed, write=False)
-    config = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    train_set, _, _ = build_datasets(data_args, args, tokenizer, write=False)
     world_size = args.dry_run_world_size or args.world_size
     plan = planning.make_plan(config, tokenizer, train_set, args, data_args.model_max_len, world_size, model_args.attn_implementation,
                               fsdp=fsdp_requested(args))
@@ -1452,9 +1455,9 @@ def run(argv: list[str]) -> int:
     model_args, data_args, args, gen_args = parse_arguments(argv)
     protect_secrets(args)
     reporting.take_over_hub_push(args)
-    check_model_before_writing(model_args, args, data_args)
+    config = check_model_before_writing(model_args, args, data_args)
     if args.dry_run:
-        return dry_run(model_args, data_args, args)
+        return dry_run(config, model_args, data_args, args)
     prepare_directories(args)
     transformers.set_seed(args.seed)
     if args.merge_only:
