@@ -14,8 +14,7 @@ import logging
 import os
 from typing import Optional
 
-import transformers
-
+import reporting
 from dataset_formats import (
     FORMAT_INFO,
     IGNORE_INDEX,
@@ -159,9 +158,7 @@ def write_predictions(trainer, tokenizer, dataset, gen_config, count: int, direc
     if trainer.is_world_process_zero():
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, PREDICTIONS_FILE)
-        with open(path + ".tmp", "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        os.replace(path + ".tmp", path)
+        reporting.write_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         log_samples("prediction", rows[:2])
         logger.info("%d predictions (max_new_tokens %s) written to %s", len(rows), gen_config.max_new_tokens, path)
     return rows
@@ -171,23 +168,3 @@ def log_samples(what: str, rows: list[dict]) -> None:
     for row in rows:
         logger.info("%s sample:\n  prompt: ...%s\n  reference: %s\n  prediction: %s", what, row["prompt"][-200:],
                     row["reference"][:200], row["prediction"][:200])
-
-
-class EvalGenerationCallback(transformers.TrainerCallback):
-    """--eval_generation_samples: at every evaluation, generate answers to the first eval prompts and log them."""
-
-    def __init__(self, tokenizer, pairs, gen_config, batch_size: int):
-        self.tokenizer, self.pairs, self.gen_config, self.batch_size = tokenizer, pairs, gen_config, batch_size
-
-    def on_evaluate(self, args, state, control, model=None, **kwargs):
-        generated = generate(model, self.tokenizer, [p for p, _ in self.pairs], self.gen_config, self.batch_size)
-        if state.is_world_process_zero:
-            rows = [{"prompt": self.tokenizer.decode(p), "reference": answer_text(self.tokenizer, r),
-                     "prediction": answer_text(self.tokenizer, o)} for (p, r), o in zip(self.pairs, generated)]
-            log_samples(f"step {state.global_step} eval generation", rows)
-
-
-def attach_eval_generations(trainer, tokenizer, eval_set, gen_config, count: int) -> None:
-    if count and eval_set is not None:
-        pairs = sample_prompts(eval_set, count)
-        trainer.add_callback(EvalGenerationCallback(tokenizer, pairs, gen_config, trainer.args.per_device_eval_batch_size))

@@ -312,7 +312,7 @@ def check_lora_config(config: dict, adapter_dir: str) -> None:
 @dataclass
 class PlannedTensor:
     name: str  # in the merged checkpoint
-    source: Optional[TensorFile]  # base file holding source_name (None: it comes from the adapter)
+    source: TensorFile  # base file holding source_name
     source_name: Optional[str]
     replacement: Optional[str]  # adapter key whose tensor stands in for the base tensor
     lora: Optional[LoraPair]
@@ -398,7 +398,7 @@ def embedding_weights(skeleton) -> set[str]:
 
 def plan_tensor(name: str, reader: TensorFile, source_name: str, adapter: Adapter, dtype: torch.dtype,
                 roundtrip: dict[str, str]) -> PlannedTensor:
-    replacement = adapter.module_replacements.get(name) or adapter.param_replacements.get(name)
+    replacement = adapter.replacement(name)
     if replacement is None and name != source_name:  # an untied head starts from the shared tensor's value
         replacement = adapter.param_replacements.get(source_name)
     lora = adapter.lora.get(name)
@@ -411,7 +411,7 @@ def plan_tensor(name: str, reader: TensorFile, source_name: str, adapter: Adapte
         cols = adapter.file.shape(lora.a_key)[1]
         if (tuple(shape) if not lora.transpose else tuple(shape)[::-1]) != (rows, cols):
             raise MergeError(f"LoRA on {name} makes a {rows}x{cols} update but the base weight is {tuple(shape)}")
-    if replacement and not lora and reader is not None and name in reader.entries:
+    if replacement and not lora and name in reader.entries:
         old = reader.shape(name)
         if len(old) != len(shape) or tuple(old[1:]) != tuple(shape[1:]):
             raise MergeError(f"the adapter's {name} has shape {tuple(shape)}, the base's {tuple(old)}")
@@ -601,11 +601,15 @@ def replace_directory(staging: str, target: str) -> None:
 # --- verification -------------------------------------------------------------------------------------------------------
 
 
-def verification_rows(tokenizer, count: int, samples: Optional[list[dict]]) -> tuple[list[dict], str]:
+def verification_rows(merged_dir: str, count: int, samples: Optional[list[dict]]) -> tuple[list[dict], str]:
+    """The first training samples; without them, built-in text tokenized by the merged model's tokenizer."""
+    import transformers
+
     if samples:
         rows = [{key: list(row[key]) for key in ("input_ids", "labels", "position_ids") if key in row}
                 for row in samples[:count]]
         return rows, "training samples"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(merged_dir)
     texts = [VERIFICATION_TEXTS[i % len(VERIFICATION_TEXTS)] for i in range(count)]
     rows = [{"input_ids": tokenizer(text)["input_ids"]} for text in texts]
     return rows, "built-in text"
@@ -660,8 +664,7 @@ def verify_merge(merged_dir: str, base_dir: str, adapter_dir: str, loading: Opti
 
     import transformers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(merged_dir)
-    rows, source = verification_rows(tokenizer, count, samples)
+    rows, source = verification_rows(merged_dir, count, samples)
     merged = transformers.AutoModelForCausalLM.from_pretrained(
         merged_dir, dtype=torch.float32, device_map={"": verification_device()}, trust_remote_code=trust_remote_code
     ).eval()

@@ -34,11 +34,12 @@ NOT_UPLOADED = ["completed", ".final-tmp-*", "*.tmp", "*.tmp-*"]  # local bookke
 # --- the report: numbers and settings of one run ----------------------------------------------------------------------
 
 
-def build_report(trainer, model_args, data_args, args, tokenizer, gen_config) -> dict:
-    """Everything the three documents need, from the trained Trainer (rank 0, after training and evaluation)."""
+def build_report(trainer, model_args, data_args, args, tokenizer, gen_config, stats: dict) -> dict:
+    """Everything the three documents need, from the trained Trainer (rank 0, after training and evaluation) and
+    the data statistics build_datasets returned."""
     return {
         "metrics": run_metrics(trainer),
-        "settings": run_settings(model_args, data_args, args, tokenizer, gen_config),
+        "settings": run_settings(model_args, data_args, args, tokenizer, gen_config, stats),
         "log_history": trainer.state.log_history,
     }
 
@@ -72,19 +73,9 @@ def run_metrics(trainer) -> dict:
     return {name: value for name, value in metrics.items() if value is not None}
 
 
-def prepared_stats(data_args) -> dict:
-    path = os.path.join(data_args.dataset_prepared_path or "", "stats.json")
-    try:
-        with open(path) as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return {}
-
-
-def run_settings(model_args, data_args, args, tokenizer, gen_config) -> dict:
+def run_settings(model_args, data_args, args, tokenizer, gen_config, stats: dict) -> dict:
     import inference
 
-    stats = prepared_stats(data_args)
     template = bool(tokenizer.chat_template)
     prompt_format = None if template else next(iter(data_args.dataset_format))
     example = EXAMPLE_CONVERSATION if template or has_chat_layout(prompt_format) else EXAMPLE_CONVERSATION[1:2]

@@ -1125,10 +1125,8 @@ def add_adapters(model, args: TrainingArguments, new_tokens: bool):
 
 
 def lora_target_list(model, spec: str) -> list[str]:
-    import torch
-
     wanted = [name.strip() for name in spec.split(",") if name.strip()]
-    linear_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) or "Linear" in type(module).__name__}
+    linear_names = training_knobs.linear_names(model)
     missing = [name for name in wanted if name not in linear_names]
     if missing:
         raise UsageError(
@@ -1240,6 +1238,27 @@ def build_trainer(model, args: TrainingArguments, data_args: DataArguments, toke
         processing_class=tokenizer,
         callbacks=[PreemptionCallback(), LossWatchdog(args.loss_watchdog_threshold, args.loss_watchdog_patience)],
     )
+
+
+class EvalGenerationCallback(transformers.TrainerCallback):
+    """--eval_generation_samples: at every evaluation, generate answers to the first eval prompts and log them."""
+
+    def __init__(self, tokenizer, pairs, gen_config, batch_size: int):
+        self.tokenizer, self.pairs, self.gen_config, self.batch_size = tokenizer, pairs, gen_config, batch_size
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        generated = inference.generate(model, self.tokenizer, [p for p, _ in self.pairs], self.gen_config, self.batch_size)
+        if state.is_world_process_zero:
+            rows = [{"prompt": self.tokenizer.decode(p), "reference": inference.answer_text(self.tokenizer, r),
+                     "prediction": inference.answer_text(self.tokenizer, o)} for (p, r), o in zip(self.pairs, generated)]
+            inference.log_samples(f"step {state.global_step} eval generation", rows)
+
+
+def attach_eval_generations(trainer, tokenizer, eval_set, gen_config, count: int) -> None:
+    """--eval_generation_samples N: the first N eval samples' trained prompts, answered at every evaluation."""
+    if count and eval_set is not None:
+        pairs = inference.sample_prompts(eval_set, count)
+        trainer.add_callback(EvalGenerationCallback(tokenizer, pairs, gen_config, trainer.args.per_device_eval_batch_size))
 
 
 def stopped_by_signal(trainer) -> Optional[int]:
@@ -1408,7 +1427,7 @@ def merge_only(model_args: ModelArguments, data_args: DataArguments, args: Train
         gen_config = generation_config(gen_args, tokenizer, data_args.dataset_format)
     samples = None
     if data_args.dataset and args.merge_verify_samples:
-        train_set, _, _ = build_datasets(data_args, args, load_tokenizer(model_args, data_args))
+        train_set, _, _ = build_datasets(data_args, args, tokenizer, write=False)  # --output_dir is never changed
         samples = first_samples(train_set, args.merge_verify_samples)
     merge_adapter(model_args, args, tokenizer, gen_config, samples)
     reporting.write_output_extras(args.merged_output_dir, reporting.load_report(saved))
@@ -1466,7 +1485,7 @@ def run(argv: list[str]) -> int:
     gen_config = generation_config(gen_args, tokenizer, data_args.dataset_format)
     if is_completed(args) and not data_args.prepare_only:
         return finish_completed_run(model_args, args, tokenizer, gen_config)
-    train_set, eval_set, _ = build_datasets(data_args, args, tokenizer)
+    train_set, eval_set, stats = build_datasets(data_args, args, tokenizer)
     if data_args.prepare_only:
         logger.info("--prepare_only: data prepared in %s; not training", data_args.dataset_prepared_path)
         return 0
@@ -1474,7 +1493,7 @@ def run(argv: list[str]) -> int:
     model = add_adapters(model, args, new_tokens)
     trainer = build_trainer(model, args, data_args, tokenizer, train_set, eval_set)
     throughput.attach(trainer, args, train_set)
-    inference.attach_eval_generations(trainer, tokenizer, eval_set, gen_config, args.eval_generation_samples)
+    attach_eval_generations(trainer, tokenizer, eval_set, gen_config, args.eval_generation_samples)
     if args.do_train:
         check_disk_space(model, args)
         train(trainer, args)
@@ -1497,7 +1516,7 @@ def run(argv: list[str]) -> int:
     trainer.accelerator.wait_for_everyone()
     if args.do_train and trainer.is_world_process_zero():
         global_step = trainer.state.global_step
-        report = reporting.build_report(trainer, model_args, data_args, args, tokenizer, gen_config)
+        report = reporting.build_report(trainer, model_args, data_args, args, tokenizer, gen_config, stats)
         reporting.write_output_extras(args.final_output_dir, report)
         del trainer, model  # free the training copy before the merge loads the base again
         if args.merged_output_dir:

@@ -60,21 +60,23 @@ def freeze_bottom_layers(model, count: int, new_tokens: bool) -> list[str]:
     return list(frozen)
 
 
+def linear_names(module) -> set[str]:
+    """Last name component of every linear layer (plain, or a bitsandbytes/peft Linear variant) inside `module`."""
+    import torch
+
+    return {name.rsplit(".", 1)[-1] for name, sub in module.named_modules()
+            if isinstance(sub, torch.nn.Linear) or "Linear" in type(sub).__name__}
+
+
 def lora_layer_limits(model, targets, count: int):
     """LoRA with frozen layers: adapters only on decoder layers count..L-1 (peft's layers_to_transform). peft
     refuses that with the string 'all-linear', so 'all' becomes the linear layer names found inside the decoder
     layers (the output head is outside them, as with 'all-linear'). Returns (targets, extra LoraConfig kwargs)."""
-    import torch
-
     if not count:
         return targets, {}
     layer_attr, layers = decoder_layers(model)
     if targets == "all-linear":
-        targets = sorted({
-            name.rsplit(".", 1)[-1]
-            for name, module in layers.named_modules()
-            if isinstance(module, torch.nn.Linear) or "Linear" in type(module).__name__
-        })
+        targets = sorted(linear_names(layers))
     return targets, {"layers_to_transform": list(range(count, len(layers))), "layers_pattern": layer_attr}
 
 

@@ -295,7 +295,8 @@ def test_full_finetune_card_for_a_format_without_chat_template_runs_as_written(t
     train.prepare_directories(args)
     tokenizer = train.load_tokenizer(model_args, data_args)
     assert not tokenizer.chat_template
-    settings = reporting.run_settings(model_args, data_args, args, tokenizer, train.generation_config(gen_args, tokenizer, ["alpaca"]))
+    settings = reporting.run_settings(model_args, data_args, args, tokenizer,
+                                      train.generation_config(gen_args, tokenizer, ["alpaca"]), stats={})
     history = [{"loss": 2.0 - step / 10, "learning_rate": 1e-4, "step": step} for step in range(1, 6)] + [{"eval_loss": 1.9, "step": 5}]
     report = {"metrics": {"global_step": 5, "final_loss": 1.5, "eval_loss": 1.9}, "settings": settings, "log_history": history}
     shutil.copytree(tiny_model, tmp_path / "full")  # stands in for the saved model
