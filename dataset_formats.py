@@ -14,8 +14,8 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 IGNORE_INDEX = -100
 

@@ -27,8 +27,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 
 def peak_rss_mb() -> float:
@@ -44,8 +42,9 @@ def build(work: str, layers: int, dtype_name: str, rank: int) -> dict:
     """The random base (500 MB shards) and adapter, written by a child so the measured children start cold."""
     import peft
     import torch
-    from make_tiny_model import build_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finetune.tiny_model import build_tokenizer
 
     dtype = getattr(torch, dtype_name)
     config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_hidden_layers=layers,
@@ -122,7 +121,7 @@ def in_child(*arguments: str) -> dict:
     command = [sys.executable, os.path.abspath(__file__), *arguments]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run(command, capture_output=True, text=True, env=env)
-    line = next((l for l in result.stdout.splitlines() if l.startswith("RESULT ")), None)
+    line = next((out for out in result.stdout.splitlines() if out.startswith("RESULT ")), None)
     if result.returncode != 0 or line is None:
         raise SystemExit(f"{' '.join(arguments)} failed:\n{result.stderr[-4000:]}")
     return json.loads(line[len("RESULT "):])
@@ -166,7 +165,7 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     peft_run, ours = results["peft"], results["ours"]
-    print(f"\n| merge | peak RSS MB | RSS after imports MB | wall s |\n|---|---|---|---|")
+    print("\n| merge | peak RSS MB | RSS after imports MB | wall s |\n|---|---|---|---|")
     for kind in ("peft", "ours"):
         print(f"| {kind} | {results[kind]['peak_rss_mb']} | {results[kind]['rss_after_imports_mb']} | {results[kind]['wall_s']} |")
     print(f"\npeak RSS ours/peft: {ours['peak_rss_mb'] / peft_run['peak_rss_mb']:.2f} (target <= 0.5); "

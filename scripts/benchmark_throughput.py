@@ -31,7 +31,6 @@ import time
 from transformers import TrainerCallback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 ALPACA_FILES = ["gsm_8k_train.json", "gpteacher_toolformer-dedupe-only-dataset.json",
                 "gpteacher_roleplay-simple-deduped-roleplay-dataset.json"]
@@ -85,18 +84,19 @@ def data_arguments(data_file: str, max_len: int, packing: bool, cache: str):
 
 def time_preprocessing(model_dir: str, data_file: str, max_len: int, work: str) -> dict:
     """Cold (tokenize + pack + write the cache) and cached (fingerprint + load) preparation, ours, packed."""
-    import data
     from transformers import AutoTokenizer
+
+    from finetune.data import pipeline as data
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     cache = os.path.join(work, f"prepared_{max_len}")
     shutil.rmtree(cache, ignore_errors=True)
     args = data_arguments(data_file, max_len, True, cache)
     started = time.perf_counter()
-    _, _, stats = data.prepare_datasets(args, tokenizer, seed=0, write=True)
+    _, _, stats = data.prepare_datasets(args, tokenizer, seed=0, cache=cache, write=True)
     cold = time.perf_counter() - started
     started = time.perf_counter()
-    data.prepare_datasets(args, tokenizer, seed=0, write=True)
+    data.prepare_datasets(args, tokenizer, seed=0, cache=cache, write=True)
     cached = time.perf_counter() - started
     return {"cold_s": round(cold, 2), "cached_s": round(cached, 3), "cached_over_cold": round(cached / cold, 4),
             "packing_efficiency": stats["train"]["packing_efficiency"], "samples": stats["train"]["samples_used"]}
@@ -175,7 +175,7 @@ def run_config(config: str, model_dir: str, data_file: str, max_len: int, steps:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
-    import data
+    from finetune.data import pipeline as data
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -200,7 +200,8 @@ def run_config(config: str, model_dir: str, data_file: str, max_len: int, steps:
         else:
             packing = config == "ours_packed"
             args_data = data_arguments(data_file, max_len, packing, os.path.join(work, f"prepared_{config}_{max_len}"))
-            train_set, _, _ = data.prepare_datasets(args_data, tokenizer, seed=0, write=True)
+            train_set, _, _ = data.prepare_datasets(args_data, tokenizer, seed=0, cache=args_data.dataset_prepared_path,
+                                                    write=True)
             collator = data.Collator(tokenizer.pad_token_id)
             args = training_arguments(work, steps, 1 if packing else padded_batch,
                                       train_sampling_strategy="random" if packing else "group_by_length")
@@ -265,7 +266,7 @@ def main() -> int:
             command = [sys.executable, os.path.abspath(__file__), "--run", config, "--model", model_dir, "--data",
                        data_file, "--lengths", str(max_len), "--steps", str(args.steps), "--work_dir", work]
             output = subprocess.run(command, capture_output=True, text=True)
-            line = next((l for l in output.stdout.splitlines() if l.startswith("RESULT ")), None)
+            line = next((out for out in output.stdout.splitlines() if out.startswith("RESULT ")), None)
             if line is None:
                 print(f"{config} @ {max_len} failed:\n{output.stderr[-3000:]}")
                 results.append({"config": config, "max_len": max_len, "error": output.stderr.strip().splitlines()[-1:]})

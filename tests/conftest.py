@@ -11,8 +11,6 @@ from types import SimpleNamespace
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 LLAMA2_TOKENIZER = os.path.join(SHARED, "tokenizers", "llama2", "tokenizer.model")
@@ -47,22 +45,23 @@ def run(command: list[str], cwd: str, timeout: int = 900, **env: str) -> subproc
 
 
 def build_stages(model: str, data_file: str, out_dir, *flags: str) -> SimpleNamespace:
-    """run()'s stages up to the trainer, in-process: the fastest way to check that a flag takes effect."""
+    """run()'s stages up to the trainer, in-process, built by the same function run() uses: the fastest way to
+    check that a flag takes effect."""
     import train
+    from finetune.checks.model_config import check_model_before_writing
+    from finetune.run_paths import RunPaths
+    from finetune.training import stages
 
     model_args, data_args, args, gen_args = train.parse_arguments(
         ["--model_name_or_path", model, "--dataset", data_file, "--output_dir", str(out_dir), "--report_to", "none",
          *flags]
     )
-    train.check_model_before_writing(model_args, args, data_args)
-    train.prepare_directories(args)
-    tokenizer = train.load_tokenizer(model_args, data_args)
-    model, new_tokens = train.load_model(model_args, args, tokenizer)
-    model = train.add_adapters(model, args, new_tokens)
-    train_set, eval_set, _ = train.build_datasets(data_args, args, tokenizer)
-    trainer = train.build_trainer(model, args, data_args, tokenizer, train_set, eval_set)
-    return SimpleNamespace(trainer=trainer, model=trainer.model, tokenizer=tokenizer, model_args=model_args,
-                           data_args=data_args, args=args, gen_args=gen_args, train_set=train_set, eval_set=eval_set)
+    check_model_before_writing(model_args, args, data_args.model_max_len)
+    paths = RunPaths.from_args(args, data_args)
+    built = stages.build_stages(model_args, data_args, args, gen_args, paths)
+    return SimpleNamespace(trainer=built.trainer, model=built.trainer.model, tokenizer=built.tokenizer,
+                           model_args=model_args, data_args=data_args, args=args, gen_args=gen_args, paths=paths,
+                           train_set=built.train_set, eval_set=built.eval_set, gen_config=built.gen_config)
 
 
 def train_py(*flags: str) -> list[str]:
@@ -72,7 +71,7 @@ def train_py(*flags: str) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """hidden 64, 2 layers, byte-level BPE with merges (vocab ~760), Llama special tokens, no pad token."""
-    from make_tiny_model import make_tiny_model
+    from finetune.tiny_model import make_tiny_model
 
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), tokenizer_kind="bpe", hidden=64, layers=2)
 

@@ -10,6 +10,7 @@ import pytest
 from conftest import instructions, run, train_py, write_jsonl
 
 import train
+from finetune.checks import preflight
 
 
 @pytest.fixture
@@ -101,7 +102,7 @@ def test_hub_dataset_offline_fails_with_a_clear_message(tmp_path, tiny_model):
 
 
 def test_legacy_flags_are_mapped_with_one_log_line(caplog, data_file):
-    with caplog.at_level(logging.INFO, logger="train"):
+    with caplog.at_level(logging.INFO, logger="finetune"):
         _, data_args, args, _ = parse("--model_name_or_path", "m", "--dataset", data_file, "--output_dir", "o",
                               "--evaluation_strategy", "steps", "--eval_dataset_size", "0.1", "--warmup_ratio", "0.03",
                               "--use_flash_attention_2", "--gradient_checkpointing", "--group_by_length",
@@ -120,7 +121,7 @@ def test_flash_attention_falls_back_to_sdpa_without_cuda(caplog, data_file):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the fallback is for machines without it")
-    with caplog.at_level(logging.WARNING, logger="train"):
+    with caplog.at_level(logging.WARNING, logger="finetune"):
         model_args, *_ = parse("--model_name_or_path", "m", "--dataset", data_file, "--output_dir", "o",
                                "--use_flash_attention_2")
     assert model_args.attn_implementation == "sdpa"
@@ -128,14 +129,14 @@ def test_flash_attention_falls_back_to_sdpa_without_cuda(caplog, data_file):
 
 
 def test_fp16_on_a_machine_without_gpu_says_it_changes_nothing(caplog, data_file, monkeypatch):
-    import train
+    from finetune.config import validate
 
-    monkeypatch.setattr(train, "has_accelerator", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="train"):
+    monkeypatch.setattr(validate, "has_accelerator", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="finetune"):
         parse("--model_name_or_path", "m", "--dataset", data_file, "--output_dir", "o", "--fp16", "--bits", "32")
     assert any("--fp16 changes nothing without a GPU" in r.getMessage() for r in caplog.records)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="train"):
+    with caplog.at_level(logging.WARNING, logger="finetune"):
         parse("--model_name_or_path", "m", "--dataset", data_file, "--output_dir", "o", "--bf16", "--bits", "32")
     assert not any("--fp16" in r.getMessage() for r in caplog.records)
 
@@ -149,7 +150,7 @@ def test_flash_attention_on_cuda_without_flash_attn_gives_install_hint(monkeypat
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real_find_spec(name, *a))
     with pytest.raises(train.UsageError, match="pip install -r requirements-gpu.txt"):
-        train.resolve_attention("flash_attention_2")
+        preflight.resolve_attention("flash_attention_2")
 
 
 def test_recipe_file_stands_in_for_flags_and_cli_wins(tmp_path, data_file):
@@ -169,7 +170,7 @@ def test_recipe_file_stands_in_for_flags_and_cli_wins(tmp_path, data_file):
 
 
 def test_eval_dataset_size_fraction_and_count(data_file):
-    import data as data_module
+    from finetune.data import pipeline as data_module
 
     assert data_module.eval_count(1000, 0.02) == 20
     assert data_module.eval_count(1000, 5) == 5

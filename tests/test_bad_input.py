@@ -9,7 +9,7 @@ import logging
 import os
 
 import pytest
-from conftest import ROOT, conversations, instructions, run, train_py, write_jsonl
+from conftest import ROOT, instructions, run, train_py, write_jsonl
 
 import train
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+
 import pytest
 import torch
 from conftest import conversations, instructions, run, train_py, write_jsonl
 
-import data
 from dataset_formats import IGNORE_INDEX
+from finetune.data import pipeline as data
 
 
 def airoboros_records(path: str) -> list:

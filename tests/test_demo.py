@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import ROOT, run
 
-from demo import EOS_BAR, EXACT_MATCH_BAR
+from finetune.demo import EOS_BAR, EXACT_MATCH_BAR
 
 
 @pytest.mark.slow

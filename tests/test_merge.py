@@ -14,7 +14,7 @@ from conftest import run, train_py
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-import merging
+from finetune.outputs import merging
 
 PROBE = "Tell me about the sea. Here is a fact about the sea."
 
@@ -220,18 +220,20 @@ def test_rank_0_merges_alone_under_a_zero3_config_with_the_runs_rope_scaling(sha
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
     import train
+    from finetune.outputs.finishing import merge_adapter
+    from finetune.run_paths import RunPaths
 
     random_adapter(sharded_base, str(tmp_path / "adapter"))
-    model_args, _, args, _ = train.parse_arguments(
+    model_args, data_args, args, _ = train.parse_arguments(
         ["--merge_only", "--model_name_or_path", sharded_base, "--output_dir", str(tmp_path / "adapter"),
          "--merged_output_dir", str(tmp_path / "merged"), "--bits", "32", "--merge_verify_samples", "1",
          "--rope_scaling_type", "linear", "--rope_scaling_factor", "2", "--report_to", "none"])
-    train.prepare_directories(args)
+    paths = RunPaths.from_args(args, data_args)
     zero3 = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
     try:
         assert is_deepspeed_zero3_enabled()
         tokenizer = AutoTokenizer.from_pretrained(tmp_path / "adapter")
-        report = train.merge_adapter(model_args, args, tokenizer, None)
+        report = merge_adapter(model_args, args, paths, tokenizer, None)
         assert is_deepspeed_zero3_enabled()  # restored for the rest of the run
     finally:
         unset_hf_deepspeed_config()

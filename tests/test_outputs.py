@@ -15,12 +15,14 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, conversations, instructions, run, train_py, write_jsonl
+from conftest import ROOT, build_stages, conversations, instructions, run, train_py, write_jsonl
 
-import chat
-import inference
-import reporting
 import train
+from finetune.data import pipeline as data
+from finetune.modeling.tokenizer import load_tokenizer
+from finetune.outputs import chat, hub, inference, reporting
+from finetune.run_paths import RunPaths
+from finetune.training.stages import generation_config
 
 MAX_NEW_TOKENS = 6
 PREDICTIONS = 3
@@ -164,10 +166,8 @@ def test_chat_prompt_ids_are_the_training_prompt_ids(tiny_model, tmp_path, datas
     through the saved chat template and through --dataset_format."""
     from dataset_formats import IGNORE_INDEX
 
-    import data
-
     data_args = train.DataArguments(dataset=["x.json"], dataset_format=[dataset_format])
-    tokenizer = train.load_tokenizer(train.ModelArguments(model_name_or_path=tiny_model), data_args)
+    tokenizer = load_tokenizer(train.ModelArguments(model_name_or_path=tiny_model), data_args)
     if dataset_format == "alpaca":
         record = {"instruction": "Say the number 3.", "output": "The number is 3."}
         turns = [{"role": "user", "content": record["instruction"]}]
@@ -275,11 +275,11 @@ def test_push_to_hub_uploads_final_and_merged_dirs_once_and_a_rerun_retries(tmp_
     assert FakeHfApi.calls == [
         ("create_repo", "me/tiny-chat", True, True),  # the failed attempt got this far
         ("create_repo", "me/tiny-chat", True, True),
-        ("upload_folder", "me/tiny-chat", str(out), reporting.NOT_UPLOADED),
+        ("upload_folder", "me/tiny-chat", str(out), hub.NOT_UPLOADED),
         ("create_repo", "me/tiny-chat-merged", True, True),
-        ("upload_folder", "me/tiny-chat-merged", str(merged), reporting.NOT_UPLOADED),
+        ("upload_folder", "me/tiny-chat-merged", str(merged), hub.NOT_UPLOADED),
     ]
-    assert "completed" in reporting.NOT_UPLOADED
+    assert "completed" in hub.NOT_UPLOADED
     assert read_metrics(merged)["global_step"] == 2 and (merged / "training_curves.png").exists()
     assert 'AutoModelForCausalLM.from_pretrained("me/tiny-chat-merged"' in (merged / "README.md").read_text()
 
@@ -292,11 +292,11 @@ def test_full_finetune_card_for_a_format_without_chat_template_runs_as_written(t
     model_args, data_args, args, gen_args = train.parse_arguments(
         ["--model_name_or_path", tiny_model, "--dataset", small_data, "--dataset_format", "alpaca", "--full_finetune",
          "--bits", "32", "--output_dir", str(tmp_path / "full"), "--max_new_tokens", "3"])
-    train.prepare_directories(args)
-    tokenizer = train.load_tokenizer(model_args, data_args)
+    paths = RunPaths.from_args(args, data_args)
+    tokenizer = load_tokenizer(model_args, data_args)
     assert not tokenizer.chat_template
-    settings = reporting.run_settings(model_args, data_args, args, tokenizer,
-                                      train.generation_config(gen_args, tokenizer, ["alpaca"]), stats={})
+    settings = reporting.run_settings(model_args, data_args, args, paths, tokenizer,
+                                      generation_config(gen_args, tokenizer, ["alpaca"]), stats={})
     history = [{"loss": 2.0 - step / 10, "learning_rate": 1e-4, "step": step} for step in range(1, 6)] + [{"eval_loss": 1.9, "step": 5}]
     report = {"metrics": {"global_step": 5, "final_loss": 1.5, "eval_loss": 1.9}, "settings": settings, "log_history": history}
     shutil.copytree(tiny_model, tmp_path / "full")  # stands in for the saved model
@@ -314,20 +314,15 @@ def test_model_flops_formula_matches_the_flop_counter(tmp_path, tiny_model, meth
     for one training step on unpadded samples, term by term: the two differ only by torch counting attention's
     backward as 2.5x its forward (PaLM: 2x) and, for LoRA, by the first layer's q/k/v input gradients that a frozen
     embedding makes unnecessary (the formula keeps them: 1/L of the attention inputs)."""
-    import throughput
+    from finetune.training import throughput
 
     rows = [{"input_ids": [(7 * i + j) % 500 + 3 for j in range(8)]} for i in range(8)]  # 8 samples x 8 tokens
     data_file = write_jsonl(tmp_path / "ids.jsonl", rows)
-    model_args, data_args, args, _ = train.parse_arguments(
-        ["--model_name_or_path", tiny_model, "--dataset", data_file, "--dataset_format", "pretokenized", "--bits", "32",
-         "--output_dir", str(tmp_path / "o"), "--max_steps", "1", "--per_device_train_batch_size", "8",
-         "--save_strategy", "no", "--report_to", "none", "--flop_counter", *method])
-    train.prepare_directories(args)
-    tokenizer = train.load_tokenizer(model_args, data_args)
-    model, new_tokens = train.load_model(model_args, args, tokenizer)
-    train_set, eval_set, _ = train.build_datasets(data_args, args, tokenizer)
-    trainer = train.build_trainer(train.add_adapters(model, args, new_tokens), args, data_args, tokenizer, train_set, eval_set)
-    meter = throughput.attach(trainer, args, train_set)
+    built = build_stages(tiny_model, data_file, tmp_path / "o", "--dataset_format", "pretokenized", "--bits", "32",
+                         "--max_steps", "1", "--per_device_train_batch_size", "8", "--save_strategy", "no",
+                         "--flop_counter", *method)
+    trainer = built.trainer
+    meter = trainer.throughput
     trainer.train()
     config = trainer.model.config
     torch_attention_convention = 2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * 8
@@ -359,7 +354,7 @@ def test_model_flops_formula_matches_the_flop_counter(tmp_path, tiny_model, meth
 def test_peak_flops_of_known_gpus(monkeypatch, device, flags, expected):
     import torch
 
-    import throughput
+    from finetune.training import throughput
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: device)

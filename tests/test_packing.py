@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dataset_formats import IGNORE_INDEX
-from packing import PackedCollator, pack_sequences, packing_efficiency
+from finetune.data.packing import PackedCollator, pack_sequences, packing_efficiency
 
 
 def random_samples(count: int, seed: int = 0, low: int = 3, high: int = 60, vocab: int = 500) -> list[dict]:

@@ -17,8 +17,8 @@ import torch
 from conftest import ROOT, build_stages, conversations, run, write_jsonl
 from real_configs import REAL_CONFIGS, config_only_model
 
-import planning
 import train
+from finetune.training import planning
 
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "scripts", "*.sh")))
 

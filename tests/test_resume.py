@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, child_env, instructions, run, train_py, write_jsonl
+from conftest import ROOT, child_env, instructions, run, write_jsonl
 
 pytestmark = pytest.mark.slow
 STEPS = 30
@@ -125,6 +125,7 @@ def test_overwrite_output_dir_starts_fresh(tmp_path, tiny_model):
 
 def test_resume_from_checkpoint_flag_is_used_not_ignored(tmp_path, tiny_model):
     import train
+    from finetune.run_paths import RunPaths
 
     data = write_jsonl(tmp_path / "d.jsonl", instructions(8))
     work = tmp_path / "work"
@@ -134,9 +135,9 @@ def test_resume_from_checkpoint_flag_is_used_not_ignored(tmp_path, tiny_model):
     base = ["--model_name_or_path", tiny_model, "--dataset", data, "--output_dir", str(tmp_path / "out"),
             "--working_dir", str(work), "--report_to", "none"]
     for value, expected in ((None, "checkpoint-4"), ("latest", "checkpoint-4"), (str(work / "checkpoint-2"), "checkpoint-2")):
-        args = train.parse_arguments(base + (["--resume_from_checkpoint", value] if value else []))[2]
-        train.prepare_directories(args)
-        assert os.path.basename(train.resume_checkpoint(args)) == expected, value
+        _, data_args, args, _ = train.parse_arguments(base + (["--resume_from_checkpoint", value] if value else []))
+        paths = RunPaths.from_args(args, data_args)
+        assert os.path.basename(paths.resume_checkpoint()) == expected, value
     (work / "checkpoint-3").mkdir()  # torn: no trainer_state.json
     for bad in (str(work / "checkpoint-3"), str(tmp_path / "nowhere")):
         with pytest.raises(train.UsageError, match="not a complete checkpoint directory"):

@@ -9,6 +9,7 @@ import torch
 from conftest import build_stages, instructions, run, train_py, write_jsonl
 
 import train
+from finetune.training.callbacks import LossWatchdog
 
 
 @pytest.fixture
@@ -102,14 +103,14 @@ def test_loss_is_averaged_over_trained_tokens_across_micro_batches(tiny_model, t
 
 
 def test_loss_watchdog_trips_on_nan_inf_and_on_a_threshold():
-    dog = train.LossWatchdog(threshold=None, patience=2)
+    dog = LossWatchdog(threshold=None, patience=2)
     control = type("Control", (), {"should_training_stop": False, "should_save": True})()
     state = type("State", (), {"global_step": 5})()
     dog.on_log(None, state, control, logs={"loss": float("nan")})
     assert not control.should_training_stop  # one bad log is within patience
     dog.on_log(None, state, control, logs={"loss": float("inf")})
     assert control.should_training_stop and not control.should_save and "step 5" in dog.tripped
-    dog = train.LossWatchdog(threshold=2.0, patience=2)
+    dog = LossWatchdog(threshold=2.0, patience=2)
     control.should_training_stop = False
     for loss in (3.0, 1.0, 3.0):  # a good log in between resets the count
         dog.on_log(None, state, control, logs={"loss": loss})

@@ -7,14 +7,17 @@ import json
 import logging
 import math
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import ROOT, build_stages, instructions, write_jsonl
 
 import train
-import training_knobs
+from finetune.checks.model_config import check_model_before_writing
+from finetune.modeling import knobs as training_knobs
+from finetune.modeling.loading import load_model
+from finetune.modeling.tokenizer import load_tokenizer
+from finetune.outputs.finishing import merge_adapter
 
 
 @pytest.fixture
@@ -219,8 +222,8 @@ def test_help_documents_the_knobs():
 def rotary(tiny_model, data_file, tmp_path, *flags):
     model_args, data_args, args, _ = train.parse_arguments(
         ["--model_name_or_path", tiny_model, "--dataset", data_file, "--output_dir", str(tmp_path / "o"), "--bits", "32", *flags])
-    train.check_model_before_writing(model_args, args, data_args)
-    model, _ = train.load_model(model_args, args, train.load_tokenizer(model_args, data_args))
+    check_model_before_writing(model_args, args, data_args.model_max_len)
+    model, _ = load_model(model_args, args, load_tokenizer(model_args, data_args))
     return model
 
 
@@ -260,9 +263,8 @@ def test_rope_scaling_is_saved_with_the_full_model_and_the_merged_model(tiny_mod
 
     lora = build(tiny_model, data_file, tmp_path / "lora", "--bits", "32", "--lora_r", "2",
                  "--merged_output_dir", str(tmp_path / "merged"), *flags)
-    lora.trainer.save_model(lora.args.final_output_dir)
-    gen_config = train.generation_config(lora.gen_args, lora.tokenizer, lora.data_args.dataset_format)
-    train.merge_adapter(lora.model_args, lora.args, lora.tokenizer, gen_config)
+    lora.trainer.save_model(lora.paths.final)
+    merge_adapter(lora.model_args, lora.args, lora.paths, lora.tokenizer, lora.gen_config)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert merged.config.rope_parameters["rope_type"] == "linear" and merged.config.rope_parameters["factor"] == 2.0
     plain = AutoModelForCausalLM.from_pretrained(tiny_model)

@@ -32,10 +32,14 @@ import re
 import shutil
 import struct
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
+
+from finetune.config.precision import bitsandbytes_config
+from finetune.fileio import free_bytes, nearest_existing_dir
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +90,7 @@ class BaseLoading:
             json.dump(asdict(self), handle, indent=2)
 
     @classmethod
-    def load(cls, directory: str) -> Optional["BaseLoading"]:
+    def load(cls, directory: str) -> Optional[BaseLoading]:
         path = os.path.join(directory, QUANTIZATION_RECORD)
         if not os.path.isfile(path):
             return None
@@ -550,7 +554,7 @@ def write_merged(plan: MergePlan, adapter: Adapter, loading: Optional[BaseLoadin
     for merged_name, tensors in plan.shards:
         by_name = {t.name: t for t in tensors}
         write_safetensors(os.path.join(staging, merged_name), [(t.name, t.dtype, t.shape) for t in tensors],
-                          lambda name: materialize(by_name[name], adapter, loading))
+                          lambda name, by_name=by_name: materialize(by_name[name], adapter, loading))
         weight_map.update({t.name: merged_name for t in tensors})
     if plan.indexed:
         with open(os.path.join(staging, "model.safetensors.index.json"), "w") as handle:
@@ -580,10 +584,8 @@ def save_companions(base_dir: str, adapter_dir: str, staging: str, tokenizer, ge
 
 
 def check_free_space(target: str, needed: int) -> None:
-    existing = os.path.abspath(target)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    free = shutil.disk_usage(existing).free
+    existing = nearest_existing_dir(target)
+    free = free_bytes(existing)
     if free < needed * 1.05:
         raise MergeError(f"the merged model needs {needed / 2**30:.2f} GiB and {existing} has {free / 2**30:.2f} GiB "
                          "free; free space or point --merged_output_dir at a larger disk")
@@ -638,10 +640,9 @@ def load_reference(base_dir: str, adapter_dir: str, loading: Optional[BaseLoadin
     kwargs = {"dtype": torch.float32, "device_map": {"": verification_device()}}
     if loading is not None and loading.bits in (4, 8):
         compute = getattr(torch, loading.dtype)
-        kwargs = {"dtype": compute, "quantization_config": transformers.BitsAndBytesConfig(
-            load_in_4bit=loading.bits == 4, load_in_8bit=loading.bits == 8, bnb_4bit_compute_dtype=compute,
-            bnb_4bit_use_double_quant=loading.double_quant, bnb_4bit_quant_type=loading.quant_type,
-            bnb_4bit_quant_storage=getattr(torch, loading.quant_storage)), "device_map": {"": verification_device()}}
+        kwargs = {"dtype": compute, "device_map": {"": verification_device()},
+                  "quantization_config": bitsandbytes_config(loading.bits, compute, loading.quant_type,
+                                                             loading.double_quant, loading.quant_storage)}
     if base_config is not None:
         kwargs["config"] = base_config
     base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=trust_remote_code, **kwargs)

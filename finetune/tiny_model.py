@@ -1,6 +1,6 @@
 """Build a tiny random Llama-architecture model and tokenizer offline, saved like any hub checkpoint.
 
-    python scripts/make_tiny_model.py OUT_DIR [--tokenizer char|bpe] [--hidden 64] [--layers 2] [--seed 0]
+    python -m finetune.tiny_model OUT_DIR [--tokenizer char|bpe] [--hidden 64] [--layers 2] [--seed 0]
 
 `char`: a byte-level tokenizer with no merges (one token per character): tasks over characters stay learnable for
 a tiny model, and prompt/response boundaries never merge. `bpe`: a byte-level BPE with merges learnt from a small

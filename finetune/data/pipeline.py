@@ -1,8 +1,8 @@
 """From a dataset file to tokenized train/eval sets: read, split, render, tokenize once, filter, collate, record stats.
 
-Separate from train.py because it is a self-contained pipeline with its own errors (file:line, field, format) and
-its own on-disk artifacts (`--dataset_prepared_path` with `stats.json`), and because tests exercise it without
-loading a model. Formats live in dataset_formats.py; the one tokenization step is dataset_formats.encode_segments.
+A self-contained pipeline with its own errors (file:line, field, format) and its own on-disk artifacts
+(`--dataset_prepared_path` with `stats.json`); tests exercise it without loading a model. It reads the
+DataArguments of train.py (the type is imported for annotations only: train.py imports this module). Formats live in dataset_formats.py; the one tokenization step is dataset_formats.encode_segments.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,7 +33,10 @@ from dataset_formats import (
     response,
     special_ids,
 )
-from packing import PackedCollator, pack_sequences, packing_efficiency, padded_length
+from finetune.data.packing import PackedCollator, pack_sequences, packing_efficiency, padded_length
+
+if TYPE_CHECKING:
+    from train import DataArguments
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +207,7 @@ class TokenizeStats:
     boundary_merges: int = 0
     lengths: list[int] = field(default_factory=list)
 
-    def merge(self, other: "TokenizeStats") -> None:
+    def merge(self, other: TokenizeStats) -> None:
         for name, value in vars(other).items():
             if name == "bad_record_examples":
                 self.bad_record_examples = (self.bad_record_examples + value)[:5]
@@ -224,7 +228,7 @@ class TokenizeStats:
         return out
 
 
-def tokenize_in_processes(records: list[Record], tokenizer, data_args, processes: int) -> tuple[list[dict], TokenizeStats]:
+def tokenize_in_processes(records: list[Record], tokenizer, data_args: DataArguments, processes: int) -> tuple[list[dict], TokenizeStats]:
     """tokenize_records over contiguous chunks in `processes` worker processes (fork: the tokenizer is inherited,
     not pickled); samples come back in record order, so the result equals the single-process one."""
     if processes <= 1 or len(records) < 2000:
@@ -255,7 +259,7 @@ def _tokenize_chunk(chunk: list[Record]):
         raise DataError(str(error)) from None
 
 
-def tokenize_records(records: list[Record], tokenizer, data_args) -> tuple[list[dict], TokenizeStats]:
+def tokenize_records(records: list[Record], tokenizer, data_args: DataArguments) -> tuple[list[dict], TokenizeStats]:
     """Render every record with its dataset's format and tokenize it once; drop, truncate or refuse those longer
     than --model_max_len (counted)."""
     stats = TokenizeStats(samples_read=len(records))
@@ -314,14 +318,19 @@ CUSTOM_FIELDS = ("format", "no_input_format", "system_format", "system_prompt", 
                  "field_output", "field_system")
 
 
-def format_options(data_args, tokenizer) -> SimpleNamespace:
+def format_options(data_args: DataArguments, tokenizer) -> SimpleNamespace:
     """What configurable formats may read: completion's text field, the custom format's templates, the tokenizer
     (chat_template renders with it)."""
-    custom = {f"custom_{name}": getattr(data_args, f"custom_{name}", None) for name in CUSTOM_FIELDS}
-    return SimpleNamespace(dataset_text_field=getattr(data_args, "dataset_text_field", "text"), tokenizer=tokenizer, **custom)
+    return SimpleNamespace(dataset_text_field=data_args.dataset_text_field, tokenizer=tokenizer,
+                           **custom_settings(data_args))
 
 
-def encode_record(record: dict, format_name: str, tokenizer, data_args, options) -> tuple[list[int], list[int], int]:
+def custom_settings(data_args: DataArguments) -> dict:
+    """The --custom_* flags, by their flag names."""
+    return {f"custom_{name}": getattr(data_args, f"custom_{name}") for name in CUSTOM_FIELDS}
+
+
+def encode_record(record: dict, format_name: str, tokenizer, data_args: DataArguments, options) -> tuple[list[int], list[int], int]:
     """One record -> (input_ids, labels, boundary merges): the format's segments through the one encoder."""
     if format_name == "pretokenized":
         ids, labels = pretokenized_sample(record, len(tokenizer))
@@ -400,7 +409,7 @@ def attach_chat_template(tokenizer, formats: list[str] | str) -> str | None:
 # --- the whole preparation, cached under --dataset_prepared_path ---------------------------------------------------------
 
 
-def fingerprint(data_args, tokenizer, seed: int) -> str:
+def fingerprint(data_args: DataArguments, tokenizer, seed: int) -> str:
     digest = hashlib.sha256()
     for dataset in data_args.dataset:
         if os.path.isfile(dataset):
@@ -418,8 +427,8 @@ def fingerprint(data_args, tokenizer, seed: int) -> str:
         "train_on_source": data_args.train_on_source,
         "include_sources": data_args.include_sources,
         "dataset_text_field": data_args.dataset_text_field,
-        "sample_packing": [getattr(data_args, "sample_packing", False), getattr(data_args, "eval_sample_packing", None)],
-        "custom": {name: getattr(data_args, f"custom_{name}", None) for name in CUSTOM_FIELDS},
+        "sample_packing": [data_args.sample_packing, data_args.eval_sample_packing],
+        "custom": {name.removeprefix("custom_"): value for name, value in custom_settings(data_args).items()},
         "chat_template": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()[:12],
         "eval_dataset_size": data_args.eval_dataset_size,
         "max_train_samples": data_args.max_train_samples,
@@ -432,12 +441,12 @@ def fingerprint(data_args, tokenizer, seed: int) -> str:
     return digest.hexdigest()[:16]
 
 
-def prepare_datasets(data_args, tokenizer, seed: int, write: bool):
-    """Returns (train, eval or None, stats dict). Reuses `--dataset_prepared_path` when its fingerprint matches."""
+def prepare_datasets(data_args: DataArguments, tokenizer, seed: int, cache: str | None, write: bool):
+    """Returns (train, eval or None, stats dict). Reuses the prepared data in `cache` (the run's
+    --dataset_prepared_path) when its fingerprint matches; writes it there when `write`."""
     import datasets
 
     key = fingerprint(data_args, tokenizer, seed)
-    cache = data_args.dataset_prepared_path
     if cache and os.path.isfile(os.path.join(cache, "stats.json")):
         with open(os.path.join(cache, "stats.json")) as handle:
             stats = json.load(handle)
@@ -453,7 +462,7 @@ def prepare_datasets(data_args, tokenizer, seed: int, write: bool):
     for dataset, format_name in zip(data_args.dataset, formats):
         records += [Record(r.data, r.where, format_name) for r in read_records(dataset)]
     train_records, eval_records = split_records(records, data_args.eval_dataset_size, seed)
-    processes = getattr(data_args, "dataset_processes", 1) or 1
+    processes = data_args.dataset_processes
     train_samples, train_stats = tokenize_in_processes(train_records, tokenizer, data_args, processes)
     eval_samples, eval_stats = tokenize_in_processes(eval_records, tokenizer, data_args, processes)
     if len(data_args.dataset) > 1:
@@ -468,8 +477,8 @@ def prepare_datasets(data_args, tokenizer, seed: int, write: bool):
             f"({train_stats.dropped_too_long} of {train_stats.samples_read} exceed --model_max_len "
             f"{data_args.model_max_len}); raise --model_max_len or pass --excess_length truncate"
         )
-    packing = {"train": getattr(data_args, "sample_packing", False)}
-    packing["eval"] = packing["train"] if getattr(data_args, "eval_sample_packing", None) is None else data_args.eval_sample_packing
+    packing = {"train": data_args.sample_packing}
+    packing["eval"] = packing["train"] if data_args.eval_sample_packing is None else data_args.eval_sample_packing
     if packing["train"]:
         train_samples = pack_sequences(train_samples, data_args.model_max_len, seed)
     if packing["eval"] and eval_samples:

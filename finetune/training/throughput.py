@@ -1,7 +1,7 @@
 """How fast a run uses its hardware: model FLOPs per token, MFU next to tokens/s, a FLOP counter and a profiler.
 
-Separate from train.py because it is measurement, not training: it only reads the model and the data, adds
-callbacks, and extends the log lines that SFTTrainer.log already writes (tokens_per_second -> mfu).
+Measurement, not training: it only reads the model and the data; FinetuneTrainer.log extends its log lines with it
+(tokens_per_second -> mfu), and the FLOP counter and profiler callbacks live in training/callbacks.py.
 
 The FLOPs are *model* FLOPs (what the architecture needs per trained token), not hardware FLOPs: padding,
 activation-checkpointing recompute and 4-bit dequantization are not counted, as in the PaLM paper's MFU.
@@ -10,12 +10,11 @@ activation-checkpointing recompute and 4-bit dequantization are not counted, as 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional
 
-import transformers
+from finetune.config.precision import matmul_dtype
 
-logger = logging.getLogger("train")
+logger = logging.getLogger(__name__)
 
 # Dense (no 2:4 sparsity) peak TFLOP/s per device from the vendors' datasheets, by training dtype.
 # "float32" is plain FP32 (PyTorch does not use TF32 for matmuls unless --tf32 is given).
@@ -32,7 +31,6 @@ PEAK_TFLOPS = {
     "v100 pcie": {"float16": 112.0, "float32": 14.0},
     "t4": {"float16": 65.0, "float32": 8.1},
 }
-PROFILER_SCHEDULE = {"wait": 1, "warmup": 1, "active": 3, "repeat": 1}
 LENGTH_SAMPLE_ROWS = 1000  # rows read to estimate the attention context length
 
 
@@ -52,11 +50,7 @@ def chip_name(device_name: str) -> Optional[str]:
 
 
 def training_dtype(args) -> str:
-    if args.bf16:
-        return "bfloat16"
-    if args.fp16:
-        return "float16"
-    return "tf32" if args.tf32 else "float32"
+    return matmul_dtype(args.bf16, args.fp16, bool(args.tf32))
 
 
 def peak_flops(args) -> tuple[Optional[float], str]:
@@ -136,41 +130,6 @@ class Throughput:
         return {"mfu": round(tokens_per_second * per_token / (self.world_size * self.peak), 5)}
 
 
-class FlopCounterCallback(transformers.TrainerCallback):
-    """--flop_counter: counts the first optimizer step of this session (all its micro-batches, forward and
-    backward) with torch.utils.flop_counter.FlopCounterMode, logs TFLOPs/step and uses it for MFU."""
-
-    def __init__(self, meter: Throughput):
-        self.meter = meter
-        self.mode = None
-        self.tokens_before = 0
-        self.done = False
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if self.done or self.mode is not None:
-            return
-        from torch.utils.flop_counter import FlopCounterMode
-
-        self.mode = FlopCounterMode(display=False, custom_mapping=cpu_attention_formulas())
-        self.mode.__enter__()
-        self.tokens_before = state.num_input_tokens_seen
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.mode is None:
-            return
-        self.mode.__exit__(None, None, None)
-        flops, self.mode, self.done = self.mode.get_total_flops(), None, True
-        tokens = state.num_input_tokens_seen - self.tokens_before  # gathered over all ranks
-        self.meter.counted_flops_per_step = float(flops)
-        if tokens > 0:
-            self.meter.counted_flops_per_token = flops * self.meter.world_size / tokens
-        logger.info(
-            "--flop_counter: step %d took %.6g TFLOPs on this device (%d tokens on all ranks): %.4g GFLOPs per token "
-            "counted, %.4g by the model-FLOPs formula", state.global_step, flops / 1e12, tokens,
-            (self.meter.counted_flops_per_token or 0) / 1e9, self.meter.flops_per_token / 1e9,
-        )
-
-
 def cpu_attention_formulas() -> dict:
     """FlopCounterMode knows the CUDA attention kernels but not sdpa's CPU kernel, which would count as 0."""
     import torch
@@ -196,53 +155,11 @@ def count_cpu_attention_backward(grad_out, query, key, value, *args, out_shape=N
     return sdpa_backward_flop_count(grad_out, query, key, value)
 
 
-class ProfilerCallback(transformers.TrainerCallback):
-    """--profiler_dir: a torch.profiler trace of training steps (wait 1, warmup 1, active 3), as llama-recipes'
-    --use_profiler; one trace per rank, readable by TensorBoard, chrome://tracing or ui.perfetto.dev."""
-
-    def __init__(self, directory: str, rank: int):
-        self.directory, self.rank = directory, rank
-        self.profiler = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        import torch
-
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if torch.cuda.is_available():
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        os.makedirs(self.directory, exist_ok=True)
-        self.profiler = torch.profiler.profile(
-            activities=activities,
-            schedule=torch.profiler.schedule(**PROFILER_SCHEDULE),
-            on_trace_ready=torch.profiler.tensorboard_trace_handler(self.directory, worker_name=f"rank{self.rank}"),
-            record_shapes=True,
-            profile_memory=True,
-        )
-        self.profiler.start()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.profiler is not None:
-            self.profiler.step()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.profiler is None:
-            return
-        self.profiler.stop()  # writes the trace if the active steps began (a run shorter than 3 steps writes none)
-        self.profiler = None
-        logger.info("--profiler_dir: trace written to %s (TensorBoard, chrome://tracing or ui.perfetto.dev)", self.directory)
-
-
-def attach(trainer, args, train_set) -> Throughput:
-    """Estimate model FLOPs per token, find the peak, add the --flop_counter / --profiler_dir callbacks; the
-    meter is read by SFTTrainer.log."""
+def measure(model, args, train_set) -> Throughput:
+    """Model FLOPs per token and the peak of this device: the meter FinetuneTrainer.log turns tokens/s into MFU
+    with (training/trainer.py adds the --flop_counter and --profiler_dir callbacks)."""
     peak, source = peak_flops(args)
-    per_token = model_flops_per_token(trainer.model, attention_context(train_set))
-    meter = Throughput(per_token, peak, args.world_size)
+    per_token = model_flops_per_token(model, attention_context(train_set))
     logger.info("model FLOPs per trained token: %.4g GFLOPs; MFU %s", per_token / 1e9,
                 f"against {source}" if peak else f"not logged ({source})")
-    if args.flop_counter:
-        trainer.add_callback(FlopCounterCallback(meter))
-    if args.profiler_dir:
-        trainer.add_callback(ProfilerCallback(args.profiler_dir, args.process_index))
-    trainer.throughput = meter
-    return meter
+    return Throughput(per_token, peak, args.world_size)

@@ -1,7 +1,7 @@
-"""What every output directory carries besides the weights, and publishing it: metrics.json, training_curves.png,
-a README.md model card, and the push to the Hugging Face hub.
+"""What every output directory carries besides the weights: metrics.json, training_curves.png and a README.md
+model card (the hub push is outputs/hub.py).
 
-Separate from train.py because it only reads what a run produced (the Trainer's log history, the arguments, the
+It only reads what a run produced (the Trainer's log history, the arguments, the
 prepared data's stats.json, the tokenizer's chat template) and writes documents; the same report is written into
 the final directory, the merged directory, and again into the merged directory when a re-run only completes the
 merge (it is read back from the final directory's metrics.json then).
@@ -15,31 +15,33 @@ import os
 from statistics import mean
 from typing import Optional
 
-logger = logging.getLogger("train")
+from finetune.config.precision import Precision
+from finetune.config.schema import enum_value
+from finetune.fileio import write_atomically
+from finetune.outputs.hub import hub_repo_id
+
+logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 CURVES_FILE = "training_curves.png"
 CARD_FILE = "README.md"
-PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE_CONVERSATION = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "What is the capital of France?"},
     {"role": "assistant", "content": "Paris."},
     {"role": "user", "content": "And of Italy?"},
 ]
-HUB_PROBE_TIMEOUT_S = 5
-NOT_UPLOADED = ["completed", ".final-tmp-*", "*.tmp", "*.tmp-*"]  # local bookkeeping and interrupted writes
 
 
 # --- the report: numbers and settings of one run ----------------------------------------------------------------------
 
 
-def build_report(trainer, model_args, data_args, args, tokenizer, gen_config, stats: dict) -> dict:
+def build_report(trainer, model_args, data_args, args, paths, tokenizer, gen_config, stats: dict) -> dict:
     """Everything the three documents need, from the trained Trainer (rank 0, after training and evaluation) and
     the data statistics build_datasets returned."""
     return {
         "metrics": run_metrics(trainer),
-        "settings": run_settings(model_args, data_args, args, tokenizer, gen_config, stats),
+        "settings": run_settings(model_args, data_args, args, paths, tokenizer, gen_config, stats),
         "log_history": trainer.state.log_history,
     }
 
@@ -52,7 +54,7 @@ def run_metrics(trainer) -> dict:
     speeds = [entry["tokens_per_second"] for entry in losses if "tokens_per_second" in entry]
     session_speed = next((entry["train_tokens_per_second"] for entry in reversed(losses) if "train_tokens_per_second" in entry), None)
     mfus = [entry["mfu"] for entry in losses if "mfu" in entry]
-    meter = getattr(trainer, "throughput", None)
+    meter = trainer.throughput
     best = min(evals, key=lambda entry: entry["eval_loss"]) if evals else None
     metrics = {
         "global_step": state.global_step,
@@ -73,8 +75,8 @@ def run_metrics(trainer) -> dict:
     return {name: value for name, value in metrics.items() if value is not None}
 
 
-def run_settings(model_args, data_args, args, tokenizer, gen_config, stats: dict) -> dict:
-    import inference
+def run_settings(model_args, data_args, args, paths, tokenizer, gen_config, stats: dict) -> dict:
+    from finetune.outputs import inference
 
     template = bool(tokenizer.chat_template)
     prompt_format = None if template else next(iter(data_args.dataset_format))
@@ -100,12 +102,12 @@ def run_settings(model_args, data_args, args, tokenizer, gen_config, stats: dict
         "lora_alpha": args.lora_alpha,
         "lora_dropout": args.lora_dropout,
         "lora_modules": args.lora_modules,
-        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "precision": Precision.from_args(args).name,
         "learning_rate": args.learning_rate,
-        "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+        "lr_scheduler_type": str(enum_value(args.lr_scheduler_type)),
         "warmup_steps": args.warmup_steps,
         "weight_decay": args.weight_decay,
-        "optimizer": str(getattr(args.optim, "value", args.optim)),
+        "optimizer": str(enum_value(args.optim)),
         "max_grad_norm": args.max_grad_norm,
         "num_train_epochs": args.num_train_epochs,
         "max_steps": args.max_steps,
@@ -123,9 +125,9 @@ def run_settings(model_args, data_args, args, tokenizer, gen_config, stats: dict
         "prompt_format": prompt_format,
         "example_messages": example,
         "example_prompt": example_prompt,
-        "final_output_dir": os.path.abspath(args.final_output_dir),
-        "merged_output_dir": os.path.abspath(args.merged_output_dir) if args.merged_output_dir else None,
-        "hub_model_id": hub_repo_id(args) if getattr(args, "push_at_end", False) else None,
+        "final_output_dir": os.path.abspath(paths.final),
+        "merged_output_dir": os.path.abspath(paths.merged) if paths.merged else None,
+        "hub_model_id": hub_repo_id(args) if args.push_to_hub else None,
     }
 
 
@@ -161,12 +163,6 @@ def write_output_extras(directory: str, report: Optional[dict]) -> None:
     plot_curves(report["log_history"], os.path.join(directory, CURVES_FILE), title=curves_title(report["settings"]))
     write_atomically(os.path.join(directory, CARD_FILE), model_card(directory, report, kind))
     logger.info("%s, %s and %s written to %s", METRICS_FILE, CURVES_FILE, CARD_FILE, directory)
-
-
-def write_atomically(path: str, text: str) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def output_kind(directory: str, settings: dict) -> str:
@@ -364,13 +360,12 @@ def load_snippet(reference: str, kind: str, settings: dict) -> str:
                f'model = AutoModelForCausalLM.from_pretrained("{reference}", dtype="auto")'])
     messages = 'messages = [{"role": "user", "content": "What is the capital of France?"}]'
     if settings["prompt_format"]:
-        prompt = [f"sys.path.insert(0, {PROJECT_ROOT!r})  # train.py's repository: the training format's prompt",
-                  "from inference import prompt_ids",
+        prompt = ["from finetune.outputs.inference import prompt_ids  # this project, installed: `pip install -e .`",
                   "",
                   messages,
                   f'input_ids = torch.tensor([prompt_ids(tokenizer, messages, "{settings["prompt_format"]}")])',
                   "output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))"]
-        head = ["import sys", "", "import torch"]
+        head = ["import torch", ""]
     else:
         prompt = ["", messages,
                   "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\")",
@@ -388,84 +383,6 @@ def prompt_format_note(settings: dict) -> str:
                 "`tokenizer.apply_chat_template(messages, add_generation_prompt=True)` gives exactly the ids each "
                 "answer followed in training. This conversation:")
     return (f"The `{settings['prompt_format']}` format has no chat layout, so the tokenizer carries no chat template: "
-            "build prompts with `inference.prompt_ids(tokenizer, messages, "
+            "build prompts with `finetune.outputs.inference.prompt_ids(tokenizer, messages, "
             f"\"{settings['prompt_format']}\")` (or `scripts/chat.py --dataset_format {settings['prompt_format']}`), "
             "which renders the training format up to the answer; it is single-turn. This message:")
-
-
-# --- the hub ------------------------------------------------------------------------------------------------------------
-
-
-def hub_repo_id(args) -> str:
-    return args.hub_model_id or os.path.basename(os.path.abspath(getattr(args, "final_output_dir", None) or args.output_dir))
-
-
-def hub_token(args) -> Optional[str]:
-    from huggingface_hub import get_token
-
-    return args.hub_token or get_token()
-
-
-def offline_mode() -> bool:
-    return any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def hub_push_problem(args) -> Optional[str]:
-    """Why --push_to_hub cannot work here (checked before anything loads), or None: offline mode, no token,
-    an unreachable hub or a rejected token (one request, HUB_PROBE_TIMEOUT_S seconds at most)."""
-    if offline_mode():
-        return ("--push_to_hub: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset HF_HUB_OFFLINE (and "
-                "TRANSFORMERS_OFFLINE) to push, or drop --push_to_hub (the outputs stay in --output_dir)")
-    token = hub_token(args)
-    if not token:
-        return ("--push_to_hub: no Hugging Face token; run `hf auth login`, set HF_TOKEN or pass --hub_token, "
-                "or drop --push_to_hub")
-    import httpx
-    from huggingface_hub import constants
-
-    try:
-        response = httpx.get(f"{constants.ENDPOINT}/api/whoami-v2", headers={"authorization": f"Bearer {token}"},
-                             timeout=HUB_PROBE_TIMEOUT_S)
-    except httpx.HTTPError as error:
-        return (f"--push_to_hub: the hub at {constants.ENDPOINT} is unreachable ({type(error).__name__}: {error}); "
-                "check the network (or HF_ENDPOINT), or drop --push_to_hub")
-    if response.status_code == 401:
-        return "--push_to_hub: the hub rejected the token (HTTP 401); create a write token and set HF_TOKEN, or drop --push_to_hub"
-    return None
-
-
-def take_over_hub_push(args) -> None:
-    """The Trainer would push --working_dir (checkpoints, prepared data) at every save; we push the finished
-    output directories once, at the end, so the Trainer's own pushing is switched off."""
-    args.push_at_end, args.push_to_hub = bool(args.push_to_hub), False
-
-
-def hub_targets(args) -> list[tuple[str, str]]:
-    repo = hub_repo_id(args)
-    targets = [(args.final_output_dir, repo)]
-    if args.merged_output_dir and os.path.isfile(os.path.join(args.merged_output_dir, "config.json")):
-        targets.append((args.merged_output_dir, f"{repo}-merged"))
-    return targets
-
-
-def push_outputs(args) -> bool:
-    """Upload the final directory to --hub_model_id and the merged one to <hub_model_id>-merged (rank 0).
-    False (after an error line) when the push fails; the outputs are complete locally and a re-run retries."""
-    if not getattr(args, "push_at_end", False):
-        return True
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=hub_token(args))
-    for folder, repo_id in hub_targets(args):
-        try:
-            url = api.create_repo(repo_id, private=args.hub_private_repo, exist_ok=True, repo_type="model")
-            api.upload_folder(repo_id=url.repo_id, folder_path=folder, repo_type="model", revision=args.hub_revision,
-                              commit_message=f"train.py: {os.path.basename(os.path.abspath(folder))}",
-                              ignore_patterns=NOT_UPLOADED)
-        except Exception as error:  # huggingface_hub raises HfHubHTTPError, httpx errors, OSError...
-            logger.error("--push_to_hub: uploading %s to %s failed (%s: %s); the outputs are complete there, run "
-                         "the same command again to retry the push", folder, repo_id, type(error).__name__,
-                         str(error).splitlines()[0] if str(error) else "")
-            return False
-        logger.info("pushed %s to %s", folder, getattr(url, "url", repo_id))
-    return True

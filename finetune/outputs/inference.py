@@ -14,7 +14,6 @@ import logging
 import os
 from typing import Optional
 
-import reporting
 from dataset_formats import (
     FORMAT_INFO,
     IGNORE_INDEX,
@@ -25,8 +24,9 @@ from dataset_formats import (
     prompt_segments,
     render_segments,
 )
+from finetune.fileio import write_atomically
 
-logger = logging.getLogger("train")
+logger = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "predictions.jsonl"
 # Formats without a chat layout are single-turn: the user's text goes into the first of these fields the format
@@ -158,7 +158,7 @@ def write_predictions(trainer, tokenizer, dataset, gen_config, count: int, direc
     if trainer.is_world_process_zero():
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, PREDICTIONS_FILE)
-        reporting.write_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        write_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         log_samples("prediction", rows[:2])
         logger.info("%d predictions (max_new_tokens %s) written to %s", len(rows), gen_config.max_new_tokens, path)
     return rows

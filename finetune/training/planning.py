@@ -32,15 +32,18 @@ Not counted: the CUDA context and allocator slack (typically 1-3 GiB), communica
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 from dataclasses import asdict, dataclass
 
-import training_knobs
+from finetune.checks.preflight import deepspeed_settings
+from finetune.config.precision import Precision
+from finetune.config.schema import enum_value
+from finetune.modeling import knobs
+from finetune.runtime import without_zero3_init
 
-logger = logging.getLogger("train.planning")
+logger = logging.getLogger(__name__)
 
 GIB = 2**30
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -85,20 +88,6 @@ class Plan:
         return json.dumps(asdict(self), sort_keys=True)
 
 
-@contextlib.contextmanager
-def without_zero3_init():
-    """Models built (or loaded) inside: plain modules. Under a ZeRO-3 config transformers builds every model through
-    deepspeed.zero.Init, a collective that needs all ranks — wrong for an empty planning model or a rank-0 merge."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
-
-
 def count_parameters(config, vocab_size: int, args, new_tokens: bool) -> ParameterCounts:
     import torch
     import transformers
@@ -108,18 +97,17 @@ def count_parameters(config, vocab_size: int, args, new_tokens: bool) -> Paramet
         if vocab_size > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(vocab_size)
     head = model.get_output_embeddings()
-    frozen = training_knobs.frozen_layer_count(getattr(args, "layers_to_freeze", None),
-                                               getattr(args, "layer_freeze_ratio", None), config.num_hidden_layers)
+    frozen = knobs.frozen_layer_count(args.layers_to_freeze, args.layer_freeze_ratio, config.num_hidden_layers)
     if args.full_finetune:
         if frozen:
-            training_knobs.freeze_bottom_layers(model, frozen, new_tokens)
+            knobs.freeze_bottom_layers(model, frozen, new_tokens)
         total = sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
         quantizable = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return ParameterCounts(total, quantizable, trainable, 0, 0)
     in_frozen_layers = set()
     if frozen:
-        _, layers = training_knobs.decoder_layers(model)
+        _, layers = knobs.decoder_layers(model)
         in_frozen_layers = {id(m) for layer in list(layers)[:frozen] for m in layer.modules()}
     linears = {name: module for name, module in model.named_modules()
                if isinstance(module, torch.nn.Linear) and module is not head}
@@ -138,20 +126,10 @@ def count_parameters(config, vocab_size: int, args, new_tokens: bool) -> Paramet
     return ParameterCounts(total, quantizable, lora + copies, lora, copies)
 
 
-def deepspeed_settings(args) -> dict:
-    """ZeRO stage and offloads of --deepspeed ({} without it), from the config the TrainingArguments already read."""
-    if not args.deepspeed:
-        return {}
-    zero = args.hf_deepspeed_config.config.get("zero_optimization", {})
-    offload = lambda key: (zero.get(key) or {}).get("device", "none") not in ("none", None)  # noqa: E731
-    return {"stage": int(zero.get("stage", 0)), "offload_optimizer": offload("offload_optimizer"),
-            "offload_param": offload("offload_param")}
-
-
 def estimate_memory(config, counts: ParameterCounts, args, micro_batch: int, row_length: int, world_size: int,
                     attn_implementation: str, fsdp: bool = False) -> tuple[dict, list]:
     """Bytes per device for weights / gradients / optimizer / activations (see the module docstring)."""
-    p = 2 if (args.bf16 or args.fp16) else 4
+    p = Precision.from_args(args).compute_bytes
     notes = []
     other = counts.total - counts.quantizable
     if args.bits == 4:
@@ -166,11 +144,11 @@ def estimate_memory(config, counts: ParameterCounts, args, micro_batch: int, row
     else:
         weights, trainable_bytes = frozen + counts.trainable * 4, 4
     gradients = counts.trainable * trainable_bytes
-    states, state_bytes = OPTIMIZER_STATES.get(str(getattr(args.optim, "value", args.optim)), (2, None))
+    states, state_bytes = OPTIMIZER_STATES.get(str(enum_value(args.optim)), (2, None))
     optimizer = counts.trainable * states * (state_bytes or trainable_bytes)
     ds = deepspeed_settings(args)
     if ds:
-        mixed = 2 if (args.bf16 or args.fp16) else 4
+        mixed = Precision.from_args(args).compute_bytes
         gradients = counts.trainable * mixed
         optimizer = counts.trainable * (12 if mixed == 2 else 8)
         if ds["stage"] >= 1:
@@ -212,8 +190,8 @@ def activation_bytes_per_token(config, args, p: int, row_length: int, attn_imple
             layer += sum(adapted_inputs) * (p + 1)
     outside = (p * 3 * hidden if args.full_finetune else 0) + (p + 4) * vocab  # embeddings' output, final norm; logits
     # nothing below the frozen layers needs a gradient, so they keep no activations
-    layers -= training_knobs.frozen_layer_count(getattr(args, "layers_to_freeze", None),
-                                                getattr(args, "layer_freeze_ratio", None), layers)
+    layers -= knobs.frozen_layer_count(args.layers_to_freeze,
+                                                args.layer_freeze_ratio, layers)
     if args.activation_checkpointing:
         return layers * p * hidden + layer + outside
     return layers * layer + outside

@@ -1,0 +1,145 @@
+"""The command line, read the way users type it: a recipe file first (its keys become parser defaults, so flags
+win), legacy flag names mapped with one log line each, repeated list flags joined, unknown flags refused with the
+closest match. The schema itself is the argument dataclasses of train.py; cross-field rules are config/validate.py."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from typing import Optional
+
+from transformers import HfArgumentParser
+
+from finetune.config import recipes
+from finetune.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+# legacy flag -> (today's flag, how a value maps, log line); value None means "the value carries over"
+LEGACY_FLAGS = {
+    "--evaluation_strategy": ("--eval_strategy", None, "transformers 5 renamed it"),
+    "--warmup_ratio": ("--warmup_steps", None, "transformers 5 takes a ratio < 1 in --warmup_steps"),
+    "--use_flash_attention_2": ("--attn_implementation", "flash_attention_2", "one switch for all kernels"),
+    "--group_by_length": ("--train_sampling_strategy", "group_by_length", "transformers 5 renamed it"),
+    "--gradient_checkpointing": ("--activation_checkpointing", True, "transformers 5 renamed it"),
+    "--no_cuda": ("--use_cpu", True, "transformers 5 renamed it"),
+    "--skip_excess_length": ("--excess_length", {True: "drop", False: "truncate"}, "one flag for drop/truncate/raise"),
+}
+LIST_FLAGS = ("--dataset", "--dataset_format")
+BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def build_parser(classes: tuple, description: str) -> HfArgumentParser:
+    return HfArgumentParser(classes, allow_abbrev=False, description=description)
+
+
+def known_flags(parser: HfArgumentParser) -> list[str]:
+    return sorted({s for action in parser._actions for s in action.option_strings if s.startswith("--")})
+
+
+def closest_flag_hint(flag: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else "; see python train.py --help"
+
+
+def parse_arguments(argv: list[str], classes: tuple, description: str = "") -> tuple:
+    """argv -> one instance of each argument dataclass, validated field by field (their __post_init__)."""
+    parser = build_parser(classes, description)
+    recipe_defaults: dict = {}
+    if argv and not argv[0].startswith("-") and argv[0].endswith(recipes.RECIPE_SUFFIXES):
+        recipe_defaults = recipes.load_recipe(argv[0], parser)
+        parser.set_defaults(**recipe_defaults)
+        argv = argv[1:]
+    argv = merge_repeated_list_flags(map_legacy_flags(argv))
+    deepspeed = argv[argv.index("--deepspeed") + 1] if "--deepspeed" in argv[:-1] else recipe_defaults.get("deepspeed")
+    if isinstance(deepspeed, str) and deepspeed.endswith(".json") and not os.path.isfile(deepspeed):
+        # TrainingArguments would reject it with a message that names no flag
+        raise UsageError(f"--deepspeed {deepspeed}: config file not found (cwd: {os.getcwd()})")
+    try:
+        *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as error:  # TrainingArguments.__post_init__ checks
+        raise UsageError(str(error).strip().splitlines()[0]) from error
+    if remaining:
+        reject_unknown(parser, remaining)
+    return tuple(parsed)
+
+
+def legacy_value(name: str, value: Optional[str | bool]) -> Optional[tuple[str, object]]:
+    """A legacy flag and its value (None for a bare flag) -> (today's flag, value), or None when it enables
+    nothing (`--gradient_checkpointing false`). Logs the mapping once."""
+    new, fixed, why = LEGACY_FLAGS[name]
+    if fixed is None:  # the value carries over
+        if value is None:
+            raise UsageError(f"{name} needs a value")
+        if name == "--warmup_ratio" and not 0 <= float(value) < 1:
+            raise UsageError(f"--warmup_ratio {value}: must be in [0, 1); or give --warmup_steps N")
+        logger.info("legacy flag %s %s -> %s %s (%s)", name, value, new, value, why)
+        return new, value
+    enabled = value if isinstance(value, bool) else True if value is None else BOOLEAN_WORDS.get(str(value).lower())
+    if enabled is None:
+        raise UsageError(f"{name} takes true or false, got {value!r}")
+    if isinstance(fixed, dict):
+        logger.info("legacy flag %s %s -> %s %s (%s)", name, enabled, new, fixed[enabled], why)
+        return new, fixed[enabled]
+    if enabled:
+        logger.info("legacy flag %s -> %s %s (%s)", name, new, fixed, why)
+        return new, fixed
+    logger.info("legacy flag %s false: nothing to enable (%s is the current name)", name, new)
+    return None
+
+
+def map_legacy_flags(argv: list[str]) -> list[str]:
+    """Old names users still type are mapped to today's, one log line each; never silently dropped."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        name, eq, inline = token.partition("=")
+        if name not in LEGACY_FLAGS:
+            out.append(token)
+            i += 1
+            continue
+        value: Optional[str] = inline if eq else None
+        if value is None and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        mapped = legacy_value(name, value)
+        if mapped:
+            out += [mapped[0], str(mapped[1])]
+    return out
+
+
+def merge_repeated_list_flags(argv: list[str]) -> list[str]:
+    """`--dataset a.json --dataset b.json` means both (argparse would keep only the last)."""
+    merged: dict[str, list[str]] = {}
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in LIST_FLAGS:
+            flag, values = argv[i], []
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+            if flag not in merged:
+                merged[flag] = []
+                out.append(flag)  # placeholder, filled below
+            merged[flag] += values
+            continue
+        out.append(argv[i])
+        i += 1
+    result: list[str] = []
+    for token in out:
+        result += [token] + merged[token] if token in merged else [token]
+    return result
+
+
+def reject_unknown(parser: HfArgumentParser, remaining: list[str]) -> None:
+    known = known_flags(parser)
+    for token in remaining:
+        if token.startswith("-"):
+            flag = token.split("=")[0]
+            raise UsageError(f"unknown flag {flag}{closest_flag_hint(flag, known)}")
+    raise UsageError(f"unexpected argument {remaining[0]!r} (a value without a flag?)")

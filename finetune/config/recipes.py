@@ -1,0 +1,83 @@
+"""Recipe files (`python train.py recipe.yaml [flags]`): a YAML or JSON mapping of flag names to values, loaded
+as the parser's defaults, so flags given after the file win (as TRL's scripts do with their configs).
+
+Keys are flag names without `--`. Also accepted: `datasets: [{path, format | type}, ...]` (several datasets with
+their formats), `custom_format: {format, no_input_format, field_instruction, ...}` (the --custom_* flags) and the
+legacy flag names, mapped like on the command line. An unknown key is an error naming the closest flag."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from finetune.errors import UsageError
+
+RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def read_mapping(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UsageError(f"recipe file {path} not found")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            if path.endswith(".json"):
+                recipe = json.load(handle)
+            else:
+                import yaml
+
+                recipe = yaml.safe_load(handle)
+        except Exception as error:  # yaml.YAMLError or json.JSONDecodeError
+            raise UsageError(f"recipe file {path}: cannot be parsed ({error})") from error
+    if not isinstance(recipe, dict):
+        raise UsageError(f"recipe file {path}: must be a mapping of flag names to values")
+    return recipe
+
+
+def load_recipe(path: str, parser) -> dict:
+    """The recipe's keys as parser defaults: {dest: value}, list flags as lists, legacy names mapped."""
+    from finetune.config import cli
+
+    actions = {action.dest: action for action in parser._actions}
+    defaults: dict = {}
+    for key, value in read_mapping(path).items():
+        name = str(key).lstrip("-")
+        if value is None:
+            continue
+        if name == "datasets":  # axolotl style: [{path, format | type}, ...]
+            paths, formats = recipe_datasets(path, value)
+            defaults["dataset"], defaults["dataset_format"] = paths, formats
+            continue
+        if name == "custom_format" and isinstance(value, dict):  # {format, no_input_format, field_instruction, ...}
+            for item, setting in value.items():
+                defaults.update(checked(path, f"custom_{item}", setting, actions))
+            continue
+        if f"--{name}" in cli.LEGACY_FLAGS:
+            mapped = cli.legacy_value(f"--{name}", value)
+            if mapped:
+                defaults.update(checked(path, mapped[0].lstrip("-"), mapped[1], actions))
+            continue
+        defaults.update(checked(path, name, value, actions))
+    return defaults
+
+
+def checked(path: str, name: str, value, actions: dict) -> dict:
+    """{name: value} for a known flag (a scalar becomes a one-item list for list flags); else the closest match."""
+    from finetune.config import cli
+
+    action = actions.get(name)
+    if action is None or not action.option_strings:
+        known = sorted({s for a in actions.values() for s in a.option_strings if s.startswith("--")})
+        raise UsageError(f"recipe file {path}: unknown key '{name}' (unknown flag --{name}"
+                         f"{cli.closest_flag_hint('--' + name, known)})")
+    if action.nargs in ("+", "*") and not isinstance(value, list):
+        value = [value]
+    if action.nargs in ("+", "*"):
+        value = [str(v) if action.type in (str, None) else v for v in value]
+    return {name: value}
+
+
+def recipe_datasets(path: str, entries) -> tuple[list[str], list[str]]:
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "path" in e for e in entries):
+        raise UsageError(f"recipe file {path}: 'datasets' must be a list of mappings with 'path' (and 'format')")
+    return ([str(entry["path"]) for entry in entries],
+            [str(entry.get("format", entry.get("type", "airoboros"))) for entry in entries])

@@ -1,0 +1,168 @@
+"""Cross-field rules, checked once after parsing and before anything loads or is written: combinations of flags
+that would crash late, be silently ignored, or do something other than asked. Each message names the flags and the
+fix (UsageError: exit code 2). Rules about one field alone live with the field, in train.py's __post_init__."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from finetune.checks import preflight
+from finetune.config.schema import enum_value, non_default
+from finetune.data.pipeline import looks_local
+from finetune.errors import UsageError
+from finetune.run_paths import RESUME_LATEST, checkpoint_is_complete
+from finetune.runtime import has_accelerator, process_rank
+
+if TYPE_CHECKING:
+    from train import DataArguments, ModelArguments, TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+
+def validate(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments) -> None:
+    """Every cross-field rule; each message says how to fix it."""
+    if not model_args.model_name_or_path:
+        raise UsageError("--model_name_or_path is required (a local model directory or a hub id)")
+    if not data_args.dataset and not args.merge_only:
+        raise UsageError("--dataset is required (a .json/.jsonl/.parquet/.csv/.tsv file or a hub dataset name)")
+    check_merge_arguments(model_args, args)
+    for dataset in data_args.dataset or []:
+        if looks_local(dataset) and not os.path.isfile(dataset):
+            raise UsageError(f"--dataset {dataset}: file not found (cwd: {os.getcwd()})")
+    if len(data_args.dataset_format) not in (1, len(data_args.dataset or [])):
+        raise UsageError(
+            f"{len(data_args.dataset)} datasets but {len(data_args.dataset_format)} formats; give one --dataset_format "
+            "for all, or one per --dataset in the same order"
+        )
+    if args.full_finetune and args.bits not in (16, 32):
+        raise UsageError(
+            f"--full_finetune needs --bits 16 or 32 (got {args.bits}); drop --bits or drop --full_finetune"
+        )
+    check_mode_flags(args)
+    if args.full_finetune and args.merged_output_dir:
+        raise UsageError("--merged_output_dir merges an adapter; a --full_finetune run has none. Drop one of them")
+    if args.bf16 and args.fp16:
+        raise UsageError("--bf16 and --fp16 both given; pick one")
+    if args.fp16 and not has_accelerator() and process_rank() == 0:
+        logger.warning("--fp16 changes nothing without a GPU: the Trainer computes in fp32 on CPU (CPU autocast is "
+                       "bf16 only); use --bf16 to run mixed precision here")
+    if not args.full_finetune:
+        if args.lora_r <= 0:
+            raise UsageError(f"--lora_r must be > 0 (got {args.lora_r})")
+        if not 0 <= args.lora_dropout < 1:
+            raise UsageError(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
+    check_training_knobs(data_args, args)
+    if data_args.sample_packing and args.train_sampling_strategy == "group_by_length":
+        raise UsageError("--sample_packing already fills rows to --model_max_len; drop --group_by_length")
+    if args.do_eval and data_args.eval_dataset_size == 0 and not args.merge_only:
+        raise UsageError("--do_eval needs an eval split; pass --eval_dataset_size (e.g. 0.02) or drop --do_eval")
+    if args.eval_strategy != "no" and data_args.eval_dataset_size == 0:
+        raise UsageError(
+            f"--eval_strategy {enum_value(args.eval_strategy)} needs an eval split; pass --eval_dataset_size "
+            "(e.g. 0.02) or --eval_strategy no"
+        )
+    if args.deepspeed and isinstance(args.deepspeed, str) and not os.path.isfile(args.deepspeed):
+        raise UsageError(f"--deepspeed {args.deepspeed}: config file not found")
+    for flag, path in (("--output_dir", args.output_dir), ("--working_dir", args.working_dir),
+                       ("--merged_output_dir", args.merged_output_dir),
+                       ("--dataset_prepared_path", data_args.dataset_prepared_path),
+                       ("--profiler_dir", args.profiler_dir)):
+        preflight.check_writable_directory(flag, path)
+    preflight.check_sharding(args)
+    resume = args.resume_from_checkpoint
+    if resume and str(resume).lower() not in RESUME_LATEST and not checkpoint_is_complete(resume):
+        raise UsageError(f"--resume_from_checkpoint {resume}: not a complete checkpoint directory (no readable "
+                         "trainer_state.json); pass a checkpoint-N directory, or drop the flag: a re-run resumes from "
+                         "the newest complete checkpoint in --working_dir by itself")
+    if args.dry_run_world_size is not None and not args.dry_run:
+        raise UsageError(f"--dry_run_world_size {args.dry_run_world_size}: needs --dry_run and a count >= 1")
+    check_output_arguments(args)
+    if "wandb" in (args.report_to or []) and not preflight.wandb_is_configured():
+        raise UsageError(
+            "--report_to wandb: no WANDB_API_KEY and no `wandb login`; set WANDB_API_KEY, or WANDB_MODE=offline "
+            "to log locally, or drop --report_to wandb"
+        )
+    if data_args.expand_conversations:
+        logger.info("--expand_conversations: every assistant turn is trained already, one sample per conversation")
+
+
+def check_merge_arguments(model_args: ModelArguments, args: TrainingArguments) -> None:
+    if args.merge_only and not args.merged_output_dir:
+        raise UsageError("--merge_only writes the merged model to --merged_output_dir; pass it")
+    if args.merge_only and not os.path.isfile(os.path.join(args.output_dir, "adapter_config.json")):
+        raise UsageError(f"--merge_only merges the adapter in --output_dir, and {args.output_dir} has no "
+                         "adapter_config.json; pass the directory a LoRA run saved to (or a checkpoint-N in it)")
+    if args.merge_only and args.overwrite_output_dir:
+        raise UsageError("--overwrite_output_dir deletes checkpoints and --merge_only never changes --output_dir; drop it")
+    if args.merge_base == "nf4_roundtrip" and not args.merge_only and args.bits != 4:
+        raise UsageError(f"--merge_base nf4_roundtrip re-creates the 4-bit weights of a --bits 4 run (got --bits "
+                         f"{args.bits}); drop --merge_base or use --merge_base original")
+    if args.merged_output_dir:  # the merge replaces that directory whole: it must not hold what it reads
+        merged = os.path.realpath(args.merged_output_dir)
+        local_model = model_args.model_name_or_path if os.path.isdir(model_args.model_name_or_path) else None
+        for flag, path in (("--output_dir", args.output_dir), ("--model_name_or_path", local_model)):
+            if path and os.path.commonpath([merged, os.path.realpath(path)]) == merged:
+                raise UsageError(f"--merged_output_dir {args.merged_output_dir} would replace {flag} {path}; pick "
+                                 "another directory")
+
+
+def check_mode_flags(args: TrainingArguments) -> None:
+    """Flags of a mode the run is not in would be silently ignored: set away from their defaults, they are refused."""
+    lora = non_default(args, ("lora_r", "lora_alpha", "lora_dropout", "lora_modules")) if args.full_finetune else []
+    if lora:
+        raise UsageError(f"{', '.join(lora)}: LoRA settings, but --full_finetune trains no adapter; drop them or drop "
+                         "--full_finetune")
+    quantization = non_default(args, ("quant_type", "quant_storage")) if args.bits != 4 else []
+    if quantization:
+        raise UsageError(f"{', '.join(quantization)} only apply to --bits 4 (got --bits {args.bits}); drop them or "
+                         "pass --bits 4")
+
+
+def check_training_knobs(data_args: DataArguments, args: TrainingArguments) -> None:
+    """Freezing, NEFTune and optimizer flags, as far as they can be judged without the model."""
+    if args.layers_to_freeze is not None and args.layer_freeze_ratio is not None:
+        raise UsageError("--layers_to_freeze and --layer_freeze_ratio both given; pick one")
+    if args.neftune_noise_alpha is not None and data_args.sample_packing:
+        logger.info("--neftune_noise_alpha with --sample_packing: the noise scale alpha/sqrt(L*d) uses the packed row "
+                    "length L, so each sample gets less noise than it would unpacked")
+    check_deepspeed_overrides(args)
+
+
+def check_deepspeed_overrides(args: TrainingArguments) -> None:
+    """A DeepSpeed config with its own "optimizer" or "scheduler" section wins: the Trainer then ignores --optim or
+    --lr_scheduler_type without a word. A flag set away from its default is an error; otherwise say which is used."""
+    if not args.deepspeed:
+        return
+    config = args.hf_deepspeed_config.config  # the JSON as TrainingArguments read it
+    for section, flag, name in (("optimizer", "--optim", "optim"),
+                                ("scheduler", "--lr_scheduler_type", "lr_scheduler_type")):
+        if section not in config:
+            continue
+        kind = config[section].get("type", "?") if isinstance(config[section], dict) else "?"
+        if non_default(args, (name,)):
+            raise UsageError(f"{non_default(args, (name,))[0]} would be ignored: --deepspeed {args.deepspeed} has its "
+                             f"own \"{section}\" ({kind}); drop {flag}, or delete that section to use {flag}")
+        if process_rank() == 0:  # a fact about the config, not about a rank: say it once
+            logger.warning("--deepspeed %s has its own \"%s\" (%s): it is used instead of %s %s",
+                           args.deepspeed, section, kind, flag, enum_value(getattr(args, name)))
+
+
+def check_output_arguments(args: TrainingArguments) -> None:
+    """Predictions, throughput and hub flags; the hub itself is probed here, before anything loads."""
+    if args.do_predict and args.generation_samples <= 0:
+        raise UsageError(f"--generation_samples must be > 0 with --do_predict (got {args.generation_samples})")
+    if args.eval_generation_samples and args.eval_strategy == "no":
+        raise UsageError("--eval_generation_samples generates at each evaluation, and --eval_strategy is no; pass "
+                         "--eval_strategy steps (with --eval_dataset_size), or use --do_predict after training")
+    strategy = enum_value(args.hub_strategy)
+    if strategy != "every_save":
+        raise UsageError(f"--hub_strategy {strategy} would be ignored: checkpoints are never pushed, only the finished "
+                         "output directories (see --push_to_hub); drop --hub_strategy")
+    if args.hub_model_id and not args.push_to_hub:
+        raise UsageError(f"--hub_model_id {args.hub_model_id} without --push_to_hub uploads nothing; add --push_to_hub "
+                         "or drop --hub_model_id")
+    problem = preflight.hub_push_problem(args) if args.push_to_hub else None
+    if problem:
+        raise UsageError(problem)

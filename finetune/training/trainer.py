@@ -1,0 +1,94 @@
+"""The Trainer of a run: transformers' Trainer with tokens/s and MFU in every log line, given its own copy of the
+arguments (checkpoints go to the working directory, pushing is ours), and the callbacks every run carries."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import TYPE_CHECKING, Optional
+
+import transformers
+
+from finetune.data.pipeline import Collator
+from finetune.outputs import inference
+from finetune.training import throughput
+from finetune.training.callbacks import (
+    EvalGenerationCallback,
+    FlopCounterCallback,
+    LossWatchdog,
+    PreemptionCallback,
+    ProfilerCallback,
+)
+
+if TYPE_CHECKING:
+    from finetune.run_paths import RunPaths
+    from train import DataArguments, TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+
+class FinetuneTrainer(transformers.Trainer):
+    """The Trainer, plus real (non-padding) tokens per second in every log line, and MFU next to it when the
+    device's peak is known (the `throughput` meter)."""
+
+    def __init__(self, *args, throughput: Optional[throughput.Throughput] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.throughput = throughput
+        self.tokens_clock: Optional[tuple[float, int]] = None  # (time, tokens seen) at the last loss log
+
+    def log(self, logs: dict, start_time: Optional[float] = None) -> None:
+        now, seen = time.time(), self.state.num_input_tokens_seen
+        last = self.tokens_clock
+        if "loss" in logs and last and now > last[0] and seen:
+            logs["tokens_per_second"] = round((seen - last[1]) / (now - last[0]), 1)
+            if self.throughput is not None:
+                logs.update(self.throughput.utilization(logs["tokens_per_second"]))
+        if "loss" in logs or last is None:
+            self.tokens_clock = (now, seen)
+        super().log(logs, start_time)
+
+    def callback(self, kind: type):
+        return next((c for c in self.callback_handler.callbacks if isinstance(c, kind)), None)
+
+    def stopped_by_signal(self) -> Optional[int]:
+        return self.callback(PreemptionCallback).signal_received
+
+    def watchdog_tripped(self) -> Optional[str]:
+        return self.callback(LossWatchdog).tripped
+
+
+def trainer_arguments(args: TrainingArguments, paths: RunPaths) -> TrainingArguments:
+    """The Trainer's own copy of the run's arguments: it writes checkpoints to the working directory, never
+    pushes (outputs/hub.py pushes the finished outputs once), keeps every dataset column (packed rows carry
+    position_ids), and pickles no hub token into training_args.bin. The user's arguments stay as parsed."""
+    return dataclasses.replace(args, output_dir=paths.working, push_to_hub=False, hub_token=None,
+                               remove_unused_columns=False)
+
+
+def build_trainer(model, args: TrainingArguments, paths: RunPaths, data_args: DataArguments, tokenizer, train,
+                  evaluation, gen_config=None) -> FinetuneTrainer:
+    """Packed rows carry position_ids and no attention mask; one collator handles both row kinds."""
+    if args.eval_strategy == "no":
+        evaluation = None
+    model.config.use_cache = False  # with a cache, transformers would not look for packed sequences
+    meter = throughput.measure(model, args, train)
+    callbacks = [PreemptionCallback(), LossWatchdog(args.loss_watchdog_threshold, args.loss_watchdog_patience)]
+    if args.flop_counter:
+        callbacks.append(FlopCounterCallback(meter))
+    if args.profiler_dir:
+        callbacks.append(ProfilerCallback(args.profiler_dir, args.process_index))
+    if args.eval_generation_samples and evaluation is not None and gen_config is not None:
+        # the first N eval samples' trained prompts, answered at every evaluation
+        pairs = inference.sample_prompts(evaluation, args.eval_generation_samples)
+        callbacks.append(EvalGenerationCallback(tokenizer, pairs, gen_config, args.per_device_eval_batch_size))
+    return FinetuneTrainer(
+        model=model,
+        args=trainer_arguments(args, paths),
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=Collator(tokenizer.pad_token_id, data_args.pad_to_multiple_of),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        throughput=meter,
+    )
