@@ -18,6 +18,7 @@ import pytest
 from conftest import ROOT, build_stages, conversations, instructions, run, train_py, write_jsonl
 
 import train
+from finetune.checks import preflight
 from finetune.data import pipeline as data
 from finetune.modeling.tokenizer import load_tokenizer
 from finetune.outputs import chat, hub, inference, reporting
@@ -253,7 +254,7 @@ def test_push_to_hub_uploads_final_and_merged_dirs_once_and_a_rerun_retries(tmp_
     re-run also rebuilds a missing merge with its metrics.json, plot and card."""
     import huggingface_hub
 
-    monkeypatch.setattr(reporting, "hub_push_problem", lambda args: None)
+    monkeypatch.setattr(preflight, "hub_push_problem", lambda args: None)
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
     monkeypatch.setattr(FakeHfApi, "calls", [])
     out, merged = tmp_path / "out", tmp_path / "merged"

@@ -131,7 +131,9 @@ def test_a_tripped_watchdog_stops_before_saving_and_names_the_last_good_checkpoi
 def test_too_little_disk_stops_before_training(tmp_path, tiny_model, data_file, monkeypatch, caplog, capsys):
     import logging
 
-    monkeypatch.setattr(train, "free_bytes", lambda path: 1000)
+    from finetune.checks import preflight
+
+    monkeypatch.setattr(preflight, "free_bytes", lambda path: 1000)
     with caplog.at_level(logging.ERROR):
         code = train.main(["--model_name_or_path", tiny_model, "--dataset", data_file, "--output_dir", str(tmp_path / "o"),
                            "--bits", "32", "--lora_r", "2", "--max_steps", "2", "--report_to", "none"])

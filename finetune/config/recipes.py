@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 
+from finetune.config.flags import LEGACY_FLAGS, closest_flag_hint, legacy_value
 from finetune.errors import UsageError
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
@@ -35,8 +36,6 @@ def read_mapping(path: str) -> dict:
 
 def load_recipe(path: str, parser) -> dict:
     """The recipe's keys as parser defaults: {dest: value}, list flags as lists, legacy names mapped."""
-    from finetune.config import cli
-
     actions = {action.dest: action for action in parser._actions}
     defaults: dict = {}
     for key, value in read_mapping(path).items():
@@ -51,8 +50,8 @@ def load_recipe(path: str, parser) -> dict:
             for item, setting in value.items():
                 defaults.update(checked(path, f"custom_{item}", setting, actions))
             continue
-        if f"--{name}" in cli.LEGACY_FLAGS:
-            mapped = cli.legacy_value(f"--{name}", value)
+        if f"--{name}" in LEGACY_FLAGS:
+            mapped = legacy_value(f"--{name}", value)
             if mapped:
                 defaults.update(checked(path, mapped[0].lstrip("-"), mapped[1], actions))
             continue
@@ -62,13 +61,11 @@ def load_recipe(path: str, parser) -> dict:
 
 def checked(path: str, name: str, value, actions: dict) -> dict:
     """{name: value} for a known flag (a scalar becomes a one-item list for list flags); else the closest match."""
-    from finetune.config import cli
-
     action = actions.get(name)
     if action is None or not action.option_strings:
         known = sorted({s for a in actions.values() for s in a.option_strings if s.startswith("--")})
         raise UsageError(f"recipe file {path}: unknown key '{name}' (unknown flag --{name}"
-                         f"{cli.closest_flag_hint('--' + name, known)})")
+                         f"{closest_flag_hint('--' + name, known)})")
     if action.nargs in ("+", "*") and not isinstance(value, list):
         value = [value]
     if action.nargs in ("+", "*"):
