@@ -105,7 +105,7 @@ def child(kind: str, work: str, dtype_name: str) -> dict:
 
 def compare(work: str) -> float:
     """Largest |difference| between the two merged models, read one tensor at a time."""
-    import merging
+    from finetune.outputs import merging
 
     def tensors(directory):
         files = [os.path.join(directory, f) for f in sorted(os.listdir(directory)) if f.endswith(".safetensors")]

@@ -26,7 +26,7 @@ if [[ ${DRY_RUN:-0} == 1 ]]; then
   exec "$PYTHON" train.py configs/recipes/multinode-llama-2-13b-full.yaml "${FLAGS[@]}" \
     --dry_run --dry_run_world_size "$((NNODES * NGPUS))"
 fi
-: "${MASTER_ADDR:?set MASTER_ADDR to node 0's address (the same on every node)}"
+: "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0 (the same on every node)}"
 : "${RUN_ID:?set RUN_ID to one job id shared by every node}"
 exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NGPUS" \
   --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv_id="$RUN_ID" \

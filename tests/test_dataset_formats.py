@@ -429,7 +429,7 @@ CHAT_FORMATS = sorted(n for n, info in __import__("dataset_formats").FORMAT_INFO
 def test_chat_template_reproduces_training_prompt_ids(any_tokenizer, name):
     import copy
 
-    import data
+    from finetune.data import pipeline as data
 
     tokenizer = with_format_tokens(copy.deepcopy(any_tokenizer), name)
     assert data.attach_chat_template(tokenizer, name) is not None
@@ -455,7 +455,7 @@ def test_chat_template_reproduces_training_prompt_ids(any_tokenizer, name):
 def test_non_chat_formats_get_no_template(tiny_tokenizer):
     import copy
 
-    import data
+    from finetune.data import pipeline as data
 
     tokenizer = copy.deepcopy(tiny_tokenizer)
     assert data.attach_chat_template(tokenizer, "alpaca") is None and tokenizer.chat_template is None
@@ -471,7 +471,7 @@ def test_chat_template_format_masks_from_the_tokenizers_own_template(tiny_tokeni
     import copy
     from types import SimpleNamespace
 
-    import data
+    from finetune.data import pipeline as data
 
     tokenizer = copy.deepcopy(tiny_tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}, replace_extra_special_tokens=False)

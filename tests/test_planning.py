@@ -9,18 +9,36 @@ import glob
 import json
 import os
 import re
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+import yaml
 from conftest import ROOT, build_stages, conversations, run, write_jsonl
 from real_configs import REAL_CONFIGS, config_only_model
 
 import train
+from finetune.config.flags import LEGACY_FLAGS
 from finetune.training import planning
 
-RECIPES = sorted(glob.glob(os.path.join(ROOT, "scripts", "*.sh")))
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "scripts", "*.sh")))  # the launchers
+
+
+def recipe_file(script: str) -> str:
+    """configs/recipes/<stem>.yaml: the settings, and the header with the memory and batch arithmetic."""
+    return os.path.join(ROOT, "configs", "recipes", os.path.basename(script)[: -len(".sh")] + ".yaml")
+
+
+def yaml_header(recipe: str) -> str:
+    """The leading comment block of a recipe YAML."""
+    lines = []
+    for line in open(recipe).read().splitlines():
+        if not line.startswith("#") and line.strip():
+            break
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def plan_of(output: str) -> dict:
@@ -29,15 +47,15 @@ def plan_of(output: str) -> dict:
     return json.loads(lines[0].split("plan-json: ", 1)[1])
 
 
-def header_value(script: str, pattern: str) -> str:
-    match = re.search(pattern, open(script).read())
-    assert match, f"{script}: header lacks {pattern!r}"
+def header_value(path: str, pattern: str) -> str:
+    match = re.search(pattern, open(path).read())
+    assert match, f"{path}: header lacks {pattern!r}"
     return match.group(1)
 
 
 @pytest.fixture(scope="module")
 def recipe_runs(tmp_path_factory, tiny_model):
-    """Each recipe run with DRY_RUN=1 against a config-only copy of its default model (two at a time)."""
+    """Each launcher run with DRY_RUN=1 against a config-only copy of its default model (two at a time)."""
     root = tmp_path_factory.mktemp("recipes")
     data = write_jsonl(root / "conversations.jsonl", conversations(60))
     models = {hub: config_only_model(hub, str(root / hub.replace("/", "--")), tiny_model) for hub in REAL_CONFIGS}
@@ -59,10 +77,46 @@ def test_every_recipe_is_strict_bash_with_a_header_and_env_paths():
         text = open(script).read()
         assert text.startswith("#!/usr/bin/env bash\n"), script
         assert "set -euo pipefail" in text, script
-        for needed in ("Prerequisites:", "Memory:", "Batch arithmetic:", "global batch:", "steps per epoch"):
-            assert needed in text, f"{script}: header lacks {needed}"
+        syntax = subprocess.run(["bash", "-n", script], capture_output=True, text=True)  # the launch lines too
+        assert syntax.returncode == 0, f"{script}: {syntax.stderr}"
         assert "${DATA:?" in text and "${MODEL:-" in text and "${OUT:-" in text, script
         assert "hf_" not in text and "--hub_token" not in text, f"{script}: secrets come from the environment"
+        recipe = recipe_file(script)
+        relative = os.path.relpath(recipe, ROOT)
+        assert os.path.isfile(recipe), f"{script}: its recipe {relative} is missing"
+        assert f"# Recipe: {relative}" in text, f"{script}: the header does not name {relative}"
+        code = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+        launches = [line for line in code if re.search(r"\btrain\.py\b", line)]
+        assert launches, f"{script}: launches no train.py"
+        for line in launches:  # the parser only reads a recipe given as the first argument
+            assert re.search(rf"\btrain\.py {re.escape(relative)}(\s|$)", line), (script, line)
+        header = yaml_header(recipe)
+        for needed in ("Prerequisites:", "GPUs:", "Memory:", "Batch arithmetic:", "global batch:", "steps per epoch",
+                       "Usage:"):
+            assert needed in header, f"{relative}: header lacks {needed}"
+        assert f"scripts/{os.path.basename(script)}" in header, f"{relative}: Usage lacks the launcher"
+        assert f"train.py {relative} " in header, f"{relative}: Usage lacks the direct command"
+        recipe_text = open(recipe).read()
+        assert "hf_" not in recipe_text and "hub_token" not in recipe_text, f"{relative}: secrets come from the environment"
+
+
+def test_recipes_use_current_flag_names_only_and_every_key_is_a_known_flag():
+    known = {option for action in train.build_parser()._actions for option in action.option_strings}
+    legacy = {name.lstrip("-") for name in LEGACY_FLAGS}
+    assert legacy
+    for script in RECIPES:
+        text = open(script).read()
+        for name in legacy:
+            assert not re.search(rf"--{name}\b", text), f"{script}: legacy flag --{name}"
+        recipe = recipe_file(script)
+        settings = yaml.safe_load(open(recipe))
+        assert isinstance(settings, dict) and settings, f"{recipe}: not a mapping of flag names to values"
+        for key in settings:
+            assert key not in legacy, f"{recipe}: legacy key {key}"
+            assert f"--{key}" in known, f"{recipe}: unknown key {key}"
+        for key in ("model_name_or_path", "dataset", "output_dir", "working_dir", "merged_output_dir"):
+            assert key not in settings, f"{recipe}: {key} is per-user (the launcher passes it)"
+        assert all(not re.match(rf"\s*{name}\s*:", line) for line in open(recipe) for name in legacy), recipe
 
 
 def test_every_recipe_passes_the_parser_and_its_plan_matches_its_header(recipe_runs):
@@ -70,10 +124,11 @@ def test_every_recipe_passes_the_parser_and_its_plan_matches_its_header(recipe_r
     for script, hub, result in recipe_runs:
         assert result.returncode == 0, f"{script}\n{result.output[-4000:]}"
         plan = plan_of(result.output)
-        assert plan["samples_per_step"] == int(header_value(script, r"global batch: (\d+)")), script
+        recipe = recipe_file(script)
+        assert plan["samples_per_step"] == int(header_value(recipe, r"global batch: (\d+)")), script
         assert plan["parameters"]["total"] == REAL_CONFIGS[hub][1], script  # the published count, exactly
         assert plan["memory_gib_at_max_len"]["total"] > plan["memory_gib"]["total"] > 0
-        stated = float(header_value(script, r"Memory: ~([\d.]+) GiB"))
+        stated = float(header_value(recipe, r"Memory: ~([\d.]+) GiB"))
         assert abs(stated - plan["memory_gib_at_max_len"]["total"]) <= 0.05 * stated + 0.5, (script, plan)
         assert not os.path.exists(result.out_dir), f"{script}: a dry run wrote {result.out_dir}"
 

@@ -124,8 +124,9 @@ def test_qlora_recipe_accelerate_2_procs_with_merge(tmp_path, tiny_model):
     check = json.loads((out / "merge_verification.json").read_text())
     assert check["sample_source"] == "training samples" and "4-bit nf4" in check["reference"]
     assert check["merge_base"] == "original" and check["argmax_agreement"] > 0.5
-    import data
     from transformers import AutoTokenizer
+
+    from finetune.data import pipeline as data
 
     for directory in (peft_out, out, work / "checkpoint-10"):  # every saved tokenizer renders the training layout
         saved = AutoTokenizer.from_pretrained(directory)

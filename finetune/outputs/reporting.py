@@ -18,6 +18,7 @@ from typing import Optional
 from finetune.config.precision import Precision
 from finetune.config.schema import enum_value
 from finetune.fileio import write_atomically
+from finetune.outputs import inference
 from finetune.outputs.hub import hub_repo_id
 
 logger = logging.getLogger(__name__)
@@ -76,8 +77,6 @@ def run_metrics(trainer) -> dict:
 
 
 def run_settings(model_args, data_args, args, paths, tokenizer, gen_config, stats: dict) -> dict:
-    from finetune.outputs import inference
-
     template = bool(tokenizer.chat_template)
     prompt_format = None if template else next(iter(data_args.dataset_format))
     example = EXAMPLE_CONVERSATION if template or has_chat_layout(prompt_format) else EXAMPLE_CONVERSATION[1:2]
@@ -285,7 +284,9 @@ def model_card(directory: str, report: dict, kind: str) -> str:
         f"Generation settings are saved in `generation_config.json` (max_new_tokens {gen['max_new_tokens']}, "
         f"{'sampling' if gen['do_sample'] else 'greedy'}; generation stops at the format's end-of-answer token).",
         "",
-        "Chat with it from train.py's repository (one-shot with `--prompt`, a prompt on stdin, or interactively):",
+        "Chat with it from train.py's repository, with the project installed (`make install` or `pip install -e .`; "
+        "the code is the `finetune` package, see its ARCHITECTURE.md): one-shot with `--prompt`, a prompt on stdin, "
+        "or interactively:",
         "",
         "```bash",
         f"python scripts/chat.py {reference}"
