@@ -793,7 +793,7 @@ def metharme(record: dict) -> list[Segment]:
 # "__S__" marks where a special token is followed by text. Training encodes every text run on its own, so
 # sentencepiece tokenizers give it a leading "▁"; a template string tokenized in one piece only gets it with a
 # space there. "__B__" is where BOS goes, for tokenizers that have one apart from EOS (GPT-2 style ones do not).
-# `attach_chat_template` (data.py) picks the variant per tokenizer and verifies it against the training ids.
+# `attach_chat_template` (finetune/data/pipeline.py) picks the variant per tokenizer and verifies it against the training ids.
 
 CHAT_TEMPLATES = {
     "llama2": (

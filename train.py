@@ -312,7 +312,7 @@ class TrainingArguments(transformers.TrainingArguments):
             "help": "Validate every flag and file, read the model's config (not its weights), tokenize the data "
             "(nothing is written), log the plan — world size, batch arithmetic, steps, trainable parameters and "
             "estimated memory per device for weights / gradients / optimizer / activations (derivation in "
-            "planning.py) — and a `plan-json:` line, then exit 0."
+            "finetune/training/planning.py) — and a `plan-json:` line, then exit 0."
         },
     )
     dry_run_world_size: Optional[int] = field(

@@ -1,4 +1,4 @@
-"""Peak memory of merging a LoRA adapter: peft's merge_and_unload vs our streamed merge (merging.py), side by side.
+"""Peak memory of merging a LoRA adapter: peft's merge_and_unload vs our streamed merge (finetune/outputs/merging.py), side by side.
 
     python scripts/benchmark_merge.py [--layers 17] [--dtype float16] [--rank 16] [--work_dir DIR] [--keep]
 
@@ -6,7 +6,7 @@ Builds a random Llama in --dtype (hidden 2048, intermediate 5504, vocab 32000, 1
 1.98 GB in 16 bits) saved in 500 MB shards, and a random LoRA adapter (r 16) on every linear layer. Then each merge
 runs once in a fresh child process:
   peft  AutoModelForCausalLM.from_pretrained + PeftModel.from_pretrained + merge_and_unload + save_pretrained
-        (the way train.py merged before merging.py, and the way most scripts do)
+        (the way train.py merged before the streamed merge, and the way most scripts do)
   ours  python train.py --merge_only ... --merge_verify_samples 0 (the real command line)
 Each child reports its own peak RSS (ru_maxrss: the kernel's high-water mark, file pages mapped by the process
 included) and its RSS after imports, plus wall time. The merged weights of the two are compared tensor by tensor.

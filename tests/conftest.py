@@ -18,6 +18,25 @@ LLAMA2_TOKENIZER = os.path.join(SHARED, "tokenizers", "llama2", "tokenizer.model
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Each test worker (pytest-xdist) gets its own rendezvous port, so a DeepSpeed init in one worker's process never
+# collides with a torchrun in the other's (both default to 29500).
+WORKER_PORT = str(29510 + 10 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0))
+os.environ.setdefault("MASTER_PORT", WORKER_PORT)
+
+
+# Tests of these modules share a module-scoped fixture (one training run, one set of dry runs): with several
+# workers, each module stays on one worker so the fixture runs once.
+SHARED_FIXTURE_MODULES = ("test_dataset_formats", "test_merge", "test_outputs", "test_planning")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Multi-process tests run one at a time on one worker (they share torchrun's default port and both cores);
+    modules with a shared fixture stay together. Without pytest-xdist workers the groups change nothing."""
+    for item in items:
+        if item.get_closest_marker("multiprocess"):
+            item.add_marker(pytest.mark.xdist_group("multiprocess"))
+        elif item.module.__name__ in SHARED_FIXTURE_MODULES:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 def child_env(**extra: str) -> dict:
@@ -28,7 +47,8 @@ def child_env(**extra: str) -> dict:
         WANDB_MODE="offline",
         TOKENIZERS_PARALLELISM="false",
         OMP_NUM_THREADS="1",
-        PYTHONPATH=ROOT,
+        MASTER_PORT=WORKER_PORT,  # single-process DeepSpeed init
+        PET_MASTER_PORT=WORKER_PORT,  # torchrun's --master_port (accelerate launch goes through torchrun's parser)
         # DeepSpeed JIT-compiles its ops on first use; keep them with the venv so only the first run pays
         TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".venv", "torch_extensions")),
     )

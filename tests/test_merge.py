@@ -1,4 +1,4 @@
-"""merging.py: the streamed merge equals peft's merge_and_unload, handles resized and tied embeddings, rebuilds the
+"""finetune/outputs/merging.py: the streamed merge equals peft's merge_and_unload, handles resized and tied embeddings, rebuilds the
 4-bit weights for --merge_base nf4_roundtrip, verifies itself, and never leaves a partial directory behind."""
 
 from __future__ import annotations

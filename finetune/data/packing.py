@@ -1,6 +1,6 @@
 """Padding-free sample packing: tokenized samples bin-packed into rows of --model_max_len, attention kept per sample.
 
-Separate from data.py because it changes what a training row *is*: several samples laid end to end, with
+Separate from the pipeline (pipeline.py) because it changes what a training row *is*: several samples laid end to end, with
 `position_ids` restarting at 0 for each and no attention mask. transformers 5 reads that layout as packed
 sequences (masking_utils.find_packed_sequence_indices): flash-attention gets per-sample lengths, and sdpa/eager
 get a block-diagonal causal mask, so no sample ever attends to another. The label of each sample's first token

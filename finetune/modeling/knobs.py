@@ -1,8 +1,9 @@
 """Mechanics of two training knobs that reach into the model's structure: layer freezing and RoPE scaling overrides.
 
-They live here, not in train.py, because each needs architecture details (which ModuleList holds the decoder layers,
-how transformers 5 stores `rope_parameters`, which layers peft may target) that would crowd the stage functions.
-train.py owns the flags, checks them (UsageError) and calls these at load time; nothing here reads the command line.
+Each needs architecture details (which ModuleList holds the decoder layers, how transformers 5 stores
+`rope_parameters`, which layers peft may target) that would crowd the stage functions. train.py owns the flags,
+finetune/checks/model_config.py checks them against the model (UsageError), and loading and adapters call these;
+nothing here reads the command line.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def base_loading(args: TrainingArguments) -> merging.BaseLoading:
 
 def merge_adapter(model_args: ModelArguments, args: TrainingArguments, paths: RunPaths, tokenizer, gen_config,
                   samples=None) -> dict:
-    """The adapter in --output_dir + the base -> a plain model in --merged_output_dir, streamed (see merging.py),
+    """The adapter in --output_dir + the base -> a plain model in --merged_output_dir, streamed (see outputs/merging.py),
     in the run's compute dtype (bf16 with --bf16, fp16 with --fp16, else fp32)."""
     with without_zero3_init():  # rank 0 merges alone: no ZeRO-3 collective construction
         return merging.merge_adapter(

@@ -1,8 +1,8 @@
 """Inference prompts and generation, shared by --do_predict, the model card and scripts/chat.py.
 
-Separate from train.py because three places build inference prompts and none may grow its own renderer: a
+One module because three places build inference prompts and none may grow its own renderer: a
 prompt is either the saved tokenizer's chat template (attached and verified against the training ids by
-data.attach_chat_template) or the training format's own segments cut before the answer
+finetune.data.pipeline.attach_chat_template) or the training format's own segments cut before the answer
 (dataset_formats.prompt_segments) encoded by the one encoder, dataset_formats.encode_segments. Predictions made
 during training go further: they feed the tokenized sample's own prompt ids, exactly as trained.
 """
