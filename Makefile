@@ -1,4 +1,5 @@
-# The two commands a newcomer needs (README): `make demo` and `make test`. Both create .venv on first use.
+# The two commands a newcomer needs (README): `make demo` and `make test`. Both create .venv on first use:
+# torch first (pinned), the requirements, this project (editable), and DeepSpeed's CPU ops compiled once.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
@@ -9,6 +10,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions $(PY) -c \
+	  "from finetune.runtime import build_deepspeed_cpu_ops; build_deepspeed_cpu_ops()"
 	touch $@
 
 .PHONY: install demo test bench

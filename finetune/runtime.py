@@ -41,3 +41,16 @@ def without_zero3_init():
         yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def build_deepspeed_cpu_ops() -> None:
+    """On a machine without CUDA, DeepSpeed JIT-compiles its CPU ops (shared-memory allreduce, CPU Adam) on first
+    use, a few minutes; `make install` builds them once into $TORCH_EXTENSIONS_DIR so no run waits for them."""
+    import torch
+
+    if torch.cuda.is_available():  # CUDA ops are built on demand against the installed toolkit
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    for name in ("ShareMemCommBuilder", "CPUAdamBuilder"):
+        get_accelerator().create_op_builder(name).load()

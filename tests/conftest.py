@@ -22,6 +22,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # collides with a torchrun in the other's (both default to 29500).
 WORKER_PORT = str(29510 + 10 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0))
 os.environ.setdefault("MASTER_PORT", WORKER_PORT)
+# DeepSpeed's compiled ops live with the venv (`make install` builds them), for in-process tests and children alike
+TORCH_EXTENSIONS_DIR = os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".venv", "torch_extensions"))
 
 
 # Tests of these modules share a module-scoped fixture (one training run, one set of dry runs): with several
@@ -49,8 +51,7 @@ def child_env(**extra: str) -> dict:
         OMP_NUM_THREADS="1",
         MASTER_PORT=WORKER_PORT,  # single-process DeepSpeed init
         PET_MASTER_PORT=WORKER_PORT,  # torchrun's --master_port (accelerate launch goes through torchrun's parser)
-        # DeepSpeed JIT-compiles its ops on first use; keep them with the venv so only the first run pays
-        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".venv", "torch_extensions")),
+        TORCH_EXTENSIONS_DIR=TORCH_EXTENSIONS_DIR,
     )
     env.pop("WANDB_API_KEY", None)
     env.update(extra)
