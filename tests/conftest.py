@@ -31,6 +31,7 @@ TORCH_EXTENSIONS_DIR = os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.joi
 SHARED_FIXTURE_MODULES = ("test_dataset_formats", "test_merge", "test_outputs", "test_planning")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     """Multi-process tests run one at a time on one worker (they share torchrun's default port and both cores);
     modules with a shared fixture stay together. Without pytest-xdist workers the groups change nothing."""
