@@ -20,6 +20,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Each test worker (pytest-xdist) gets its own rendezvous port, so a DeepSpeed init in one worker's process never
 # collides with a torchrun in the other's (both default to 29500).
+# With several workers every process gets one thread: two OpenMP teams spinning on two cores slow each other
+# down many times over (the demo took 3x longer), one thread each keeps both cores busy without that.
+IN_WORKER = "PYTEST_XDIST_WORKER" in os.environ
+if IN_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
 WORKER_PORT = str(29510 + 10 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0))
 os.environ.setdefault("MASTER_PORT", WORKER_PORT)
 # DeepSpeed's compiled ops live with the venv (`make install` builds them), for in-process tests and children alike
@@ -40,6 +45,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("multiprocess"))
         elif item.module.__name__ in SHARED_FIXTURE_MODULES:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    items.sort(key=lambda item: item.get_closest_marker("longest") is None)  # the longest test starts first
 
 
 def child_env(**extra: str) -> dict:

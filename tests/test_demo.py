@@ -8,15 +8,18 @@ import os
 import sys
 
 import pytest
-from conftest import ROOT, run
+from conftest import IN_WORKER, ROOT, run
 
 from finetune.demo import EOS_BAR, EXACT_MATCH_BAR
 
 
 @pytest.mark.slow
+@pytest.mark.longest
 def test_demo_learns_the_task_and_stops_at_eos(tmp_path):
+    # alone, it uses every core as a user's run would; beside other test workers, one thread (see conftest)
+    threads = os.environ["OMP_NUM_THREADS"] if IN_WORKER else str(os.cpu_count())
     result = run([sys.executable, os.path.join(ROOT, "scripts", "demo.py"), "--work_dir", str(tmp_path / "demo")],
-                 cwd=str(tmp_path), OMP_NUM_THREADS=str(os.cpu_count()))  # one process: use every core, as a user would
+                 cwd=str(tmp_path), OMP_NUM_THREADS=threads)
     print(result.stdout[-2000:])
     outcome = json.loads((tmp_path / "demo" / "demo_result.json").read_text())
     assert outcome["n"] == 200

@@ -77,9 +77,9 @@ def load(model_dir: str, base: str | None = None, bits: int | None = None, devic
     dtype = torch.float32 if bits == 32 or (bits in (4, 8) and device == "cpu") else half  # 4/8-bit: compute dtype
     kwargs = {"dtype": dtype}
     if bits in (4, 8):
-        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-            load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        from finetune.config.precision import bitsandbytes_config
+
+        kwargs["quantization_config"] = bitsandbytes_config(bits, dtype)  # nf4, double quant
         if device == "cuda":
             kwargs["device_map"] = {"": 0}
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)

@@ -347,14 +347,13 @@ def skeleton_model(config, trust_remote_code: bool):
 def quantized_weights(skeleton, loading: BaseLoading) -> dict[str, str]:
     """The weights training stored in 4 bits: transformers' own choice (every Linear/Conv1D but the output head,
     tied weights and _keep_in_fp32_modules), made on an empty model -> {weight name: "linear" | "conv1d"}."""
-    import transformers
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
     from transformers.pytorch_utils import Conv1D
     from transformers.quantizers.base import HfQuantizer
 
     originals = {name: module for name, module in skeleton.named_modules()}
-    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=loading.quant_type,
-                                             bnb_4bit_use_double_quant=loading.double_quant)
+    config = bitsandbytes_config(4, getattr(torch, loading.dtype), loading.quant_type, loading.double_quant,
+                                 loading.quant_storage)
     skip = HfQuantizer.get_modules_to_not_convert(skeleton, None, skeleton._keep_in_fp32_modules)
     replace_with_bnb_linear(skeleton, modules_to_not_convert=skip, quantization_config=config)
     return {f"{name}.weight": "conv1d" if isinstance(originals[name], Conv1D) else "linear"
