@@ -31,21 +31,9 @@ os.environ.setdefault("MASTER_PORT", WORKER_PORT)
 TORCH_EXTENSIONS_DIR = os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".venv", "torch_extensions"))
 
 
-# Tests of these modules share a module-scoped fixture (one training run, one set of dry runs): with several
-# workers, each module stays on one worker so the fixture runs once.
-SHARED_FIXTURE_MODULES = ("test_dataset_formats", "test_merge", "test_outputs", "test_planning")
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Multi-process tests run one at a time on one worker (they share torchrun's default port and both cores);
-    modules with a shared fixture stay together. Without pytest-xdist workers the groups change nothing."""
-    for item in items:
-        if item.get_closest_marker("multiprocess"):
-            item.add_marker(pytest.mark.xdist_group("multiprocess"))
-        elif item.module.__name__ in SHARED_FIXTURE_MODULES:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-    items.sort(key=lambda item: item.get_closest_marker("longest") is None)  # the longest test starts first
+    """The longest test (the demo) goes first, so that with several workers the others run beside it."""
+    items.sort(key=lambda item: item.get_closest_marker("longest") is None)
 
 
 def child_env(**extra: str) -> dict:

@@ -162,7 +162,6 @@ def test_a_tokenizer_without_eos_is_refused(tmp_path, tiny_model):
     assert code == 2 and not (tmp_path / "o").exists()
 
 
-@pytest.mark.multiprocess
 def test_torchrun_with_bad_data_fails_fast_on_every_rank_and_says_it_once(tmp_path, tiny_model):
     import sys
     import time
@@ -200,7 +199,6 @@ if os.environ.get("RANK") == "1":  # make rank 1 alone raise at step 2, as an OO
 '''
 
 
-@pytest.mark.multiprocess
 def test_when_one_rank_raises_every_rank_exits_fast_with_the_error_shown_once(tmp_path, tiny_model):
     """The fault is injected from outside (a sitecustomize on PYTHONPATH), so train.py carries no test hooks."""
     import sys

@@ -64,9 +64,7 @@ SINGLE = [sys.executable]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
 
 
-@pytest.mark.parametrize(("full", "launcher"), [(False, SINGLE), (True, SINGLE),
-                                               pytest.param(False, TORCHRUN, marks=pytest.mark.multiprocess),
-                                               pytest.param(True, TORCHRUN, marks=pytest.mark.multiprocess)],
+@pytest.mark.parametrize(("full", "launcher"), [(False, SINGLE), (True, SINGLE), (False, TORCHRUN), (True, TORCHRUN)],
                          ids=["lora", "full", "lora-torchrun2", "full-torchrun2"])
 def test_kill_9_then_rerun_ends_with_the_uninterrupted_weights(tmp_path, tiny_model, full, launcher):
     data_file = write_jsonl(tmp_path / "data.jsonl", instructions(48))

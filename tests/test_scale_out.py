@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import ROOT, conversations, run, train_py, write_jsonl
 
-pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+pytestmark = pytest.mark.slow
 
 STEPS = 4
 

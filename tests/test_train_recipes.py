@@ -46,7 +46,6 @@ def probe_ids(tokenizer_dir: str):
     return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
 
 
-@pytest.mark.multiprocess
 def test_full_finetune_recipe_torchrun_2_procs_deepspeed_zero2(tmp_path, tiny_model, conversations_file):
     shutil.copy(conversations_file, tmp_path / "conversations.json")
     shutil.copy(os.path.join(ROOT, "deepspeed-7b.json"), tmp_path / "deepspeed-7b.json")
@@ -86,7 +85,6 @@ def test_full_finetune_recipe_torchrun_2_procs_deepspeed_zero2(tmp_path, tiny_mo
     assert AutoTokenizer.from_pretrained(out).eos_token == "</s>"
 
 
-@pytest.mark.multiprocess
 def test_qlora_recipe_accelerate_2_procs_with_merge(tmp_path, tiny_model):
     write_jsonl(tmp_path / "conversations.jsonl", conversations(18))
     os.rename(tmp_path / "conversations.jsonl", tmp_path / "conversations.json")  # JSON Lines named .json is read too
