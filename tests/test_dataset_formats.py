@@ -18,6 +18,8 @@ from dataset_formats import (
     render_segments,
 )
 
+pytestmark = pytest.mark.xdist_group("demo_and_formats")  # one worker builds its module fixture
+
 CHAT = {
     "conversations": [
         {"from": "system", "value": "Be brief."},

@@ -23,6 +23,8 @@ import train
 from finetune.config.flags import LEGACY_FLAGS
 from finetune.training import planning
 
+pytestmark = pytest.mark.xdist_group("planning")  # one worker builds its module fixture
+
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "scripts", "*.sh")))  # the launchers
 
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import ROOT, conversations, run, train_py, write_jsonl
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("scale_out")]  # one worker builds its module fixture
 
 STEPS = 4
 
