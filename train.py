@@ -441,6 +441,19 @@ class TrainingArguments(transformers.TrainingArguments):
             "and dequantization are not counted."
         },
     )
+    chunked_cross_entropy: bool = field(
+        default=True,
+        metadata={"help": "Compute the loss only where it is trained: the output head is applied to the positions "
+                  "whose label is trained, --cross_entropy_chunk_size of them at a time and recomputed in the "
+                  "backward, instead of full-vocabulary fp32 logits for every position. Same loss and gradients. "
+                  "False: transformers' plain loss (models whose forward takes no logits_to_keep, or changes the "
+                  "logits after the head, fall back to it by themselves, with a log line)."},
+    )
+    cross_entropy_chunk_size: int = field(
+        default=1024,
+        metadata={"help": "--chunked_cross_entropy: trained positions per chunk (> 0); peak loss memory is about "
+                  "chunk x vocabulary x 8 bytes (fp32 logits and their gradient)."},
+    )
     flop_counter: bool = field(
         default=False,
         metadata={"help": "Count the FLOPs of the first optimizer step with torch.utils.flop_counter.FlopCounterMode "
@@ -467,6 +480,8 @@ class TrainingArguments(transformers.TrainingArguments):
                 f"--neftune_noise_alpha must be > 0 (got {self.neftune_noise_alpha}); drop it to train without noise")
         require(self.merge_verify_samples >= 0,
                 f"--merge_verify_samples must be >= 0 (got {self.merge_verify_samples}); 0 skips the check")
+        require(self.cross_entropy_chunk_size > 0,
+                f"--cross_entropy_chunk_size must be > 0 (got {self.cross_entropy_chunk_size})")
         require(self.eval_generation_samples >= 0,
                 f"--eval_generation_samples must be >= 0 (got {self.eval_generation_samples})")
         require(self.peak_tflops is None or self.peak_tflops > 0,

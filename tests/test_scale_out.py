@@ -1,5 +1,6 @@
 """Scaling out changes nothing but speed: 1 process x batch 4, torchrun 2 x 2 (DDP) and torchrun 2 x 2 under
-DeepSpeed ZeRO-3 train the same losses, and --dry_run predicts the steps they take."""
+DeepSpeed ZeRO-3 train the same losses, and --dry_run predicts the steps they take. They all use the trained-token
+loss (the default); one more single-process run on transformers' plain loss is the reference they must match."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def runs(tmp_path_factory, tiny_model):
     results = {}
     for name, command in {
         "1x4": train_py(*fill(flags(data, str(root / "1x4"), 4))),
+        "1x4-plain": train_py(*fill(flags(data, str(root / "1x4-plain"), 4)), "--chunked_cross_entropy", "False"),
         "2x2": torchrun(*fill(flags(data, str(root / "2x2"), 2))),
         "2x2-zero3": torchrun(*fill(flags(data, str(root / "2x2-zero3"), 2)),
                               "--deepspeed", os.path.join(ROOT, "configs", "deepspeed-zero3.json")),
@@ -50,6 +52,20 @@ def runs(tmp_path_factory, tiny_model):
     plan = run(train_py(*fill(flags(data, str(root / "plan"), 2)), "--dry_run", "--dry_run_world_size", "2"), cwd=str(root))
     assert plan.returncode == 0, plan.output[-3000:]
     return results, plan.output
+
+
+def test_trained_token_loss_trains_the_losses_and_weights_of_the_plain_loss(runs):
+    import torch
+    from safetensors.torch import load_file
+
+    results, _ = runs
+    assert "Loss: logits only at trained positions" in results["1x4"][1]
+    assert "Loss: transformers' plain causal-LM loss (--chunked_cross_entropy False)" in results["1x4-plain"][1]
+    ours, plain = losses(results["1x4"][0]), losses(results["1x4-plain"][0])
+    assert len(ours) == STEPS and max(abs(a - b) for a, b in zip(ours, plain)) < 1e-5, (ours, plain)
+    chunked = load_file(str(results["1x4"][0] / "model.safetensors"))
+    reference = load_file(str(results["1x4-plain"][0] / "model.safetensors"))
+    assert all(torch.allclose(chunked[k], reference[k], atol=1e-5) for k in reference)
 
 
 def test_two_processes_train_the_same_losses_as_one_with_the_same_global_batch(runs):
@@ -66,10 +82,10 @@ def test_deepspeed_zero3_trains_the_same_losses_and_saves_a_whole_model(runs):
     from safetensors.torch import load_file
 
     results, _ = runs
-    one, zero3 = losses(results["1x4"][0]), losses(results["2x2-zero3"][0])
-    assert "world size 2" in results["2x2-zero3"][1]
+    one, zero3 = losses(results["1x4-plain"][0]), losses(results["2x2-zero3"][0])  # against the plain loss
+    assert "world size 2" in results["2x2-zero3"][1] and "Loss: logits only at trained" in results["2x2-zero3"][1]
     assert max(abs(a - b) for a, b in zip(one, zero3)) < 1e-5, (one, zero3)
-    single = load_file(str(results["1x4"][0] / "model.safetensors"))
+    single = load_file(str(results["1x4-plain"][0] / "model.safetensors"))
     sharded = load_file(str(results["2x2-zero3"][0] / "model.safetensors"))  # gathered from both ranks' shards
     assert single.keys() == sharded.keys()
     assert all(sharded[k].shape == single[k].shape and torch.allclose(sharded[k], single[k], atol=1e-4) for k in single)

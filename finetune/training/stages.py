@@ -45,6 +45,9 @@ def build_stages(model_args: ModelArguments, data_args: DataArguments, args: Tra
     train_set, eval_set, stats = build_datasets(data_args, args, paths, tokenizer)
     stages = Stages(tokenizer, gen_config, train_set, eval_set, stats)
     if with_model:
+        # new token rows and adapter weights are drawn at random: seeded here, they do not depend on what the data
+        # stage drew (a cold tokenization and a cached one used to give different adapters from the same --seed)
+        transformers.set_seed(args.seed)
         model, new_tokens = load_model(model_args, args, tokenizer)
         stages.model = add_adapters(model, args, new_tokens)
         stages.trainer = build_trainer(stages.model, args, paths, data_args, tokenizer, train_set, eval_set, gen_config)

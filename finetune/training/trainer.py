@@ -20,6 +20,7 @@ from finetune.training.callbacks import (
     PreemptionCallback,
     ProfilerCallback,
 )
+from finetune.training.loss import LogitsMismatch, TrainedTokenLoss
 
 if TYPE_CHECKING:
     from finetune.run_paths import RunPaths
@@ -32,9 +33,11 @@ class FinetuneTrainer(transformers.Trainer):
     """The Trainer, plus real (non-padding) tokens per second in every log line, and MFU next to it when the
     device's peak is known (the `throughput` meter)."""
 
-    def __init__(self, *args, throughput: Optional[throughput.Throughput] = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, throughput: Optional[throughput.Throughput] = None,
+                 trained_token_loss: Optional[TrainedTokenLoss] = None, **kwargs):
+        super().__init__(*args, compute_loss_func=trained_token_loss, **kwargs)
         self.throughput = throughput
+        self.trained_token_loss = trained_token_loss
         self.tokens_clock: Optional[tuple[float, int]] = None  # (time, tokens seen) at the last loss log
 
     def log(self, logs: dict, start_time: Optional[float] = None) -> None:
@@ -47,6 +50,23 @@ class FinetuneTrainer(transformers.Trainer):
         if "loss" in logs or last is None:
             self.tokens_clock = (now, seen)
         super().log(logs, start_time)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """With the trained-token loss (loss.py): the model's forward computes one position's logits, the loss
+        takes the decoder's output and applies the head where labels are trained. Everything around it (label
+        counting, gradient-accumulation and rank scaling) is the Trainer's own."""
+        loss = self.trained_token_loss
+        if loss is None or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        try:
+            with loss.capturing():
+                return super().compute_loss(model, {**inputs, "logits_to_keep": 1}, return_outputs,
+                                            num_items_in_batch)
+        except LogitsMismatch as mismatch:
+            logger.warning("Loss: plain transformers path from now on: %s, so the trained-token loss would not "
+                           "be this model's loss", mismatch)
+            self.trained_token_loss = self.compute_loss_func = None
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def callback(self, kind: type):
         return next((c for c in self.callback_handler.callbacks if isinstance(c, kind)), None)
@@ -64,6 +84,19 @@ def trainer_arguments(args: TrainingArguments, paths: RunPaths) -> TrainingArgum
     position_ids), and pickles no hub token into training_args.bin. The user's arguments stay as parsed."""
     return dataclasses.replace(args, output_dir=paths.working, push_to_hub=False, hub_token=None,
                                remove_unused_columns=False)
+
+
+def loss_for(model, args: TrainingArguments) -> Optional[TrainedTokenLoss]:
+    """The trained-token loss (--chunked_cross_entropy), or None and one log line saying why not."""
+    if not args.chunked_cross_entropy:
+        logger.info("Loss: transformers' plain causal-LM loss (--chunked_cross_entropy False)")
+        return None
+    loss, why_not = TrainedTokenLoss.for_model(model, args.cross_entropy_chunk_size, args.label_smoothing_factor)
+    if loss is None:
+        logger.info("Loss: transformers' plain causal-LM loss: %s", why_not)
+    else:
+        logger.info("Loss: logits only at trained positions, %d per chunk", args.cross_entropy_chunk_size)
+    return loss
 
 
 def build_trainer(model, args: TrainingArguments, paths: RunPaths, data_args: DataArguments, tokenizer, train,
@@ -84,6 +117,7 @@ def build_trainer(model, args: TrainingArguments, paths: RunPaths, data_args: Da
         callbacks.append(EvalGenerationCallback(tokenizer, pairs, gen_config, args.per_device_eval_batch_size))
     return FinetuneTrainer(
         model=model,
+        trained_token_loss=loss_for(model, args),
         args=trainer_arguments(args, paths),
         train_dataset=train,
         eval_dataset=evaluation,
