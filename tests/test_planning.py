@@ -170,14 +170,17 @@ def allocated_bytes() -> int:
     return info.uordblks + info.hblkhd
 
 
-@pytest.mark.parametrize("mode", ["full", "lora", "lora-checkpointing", "full-frozen", "lora-frozen"])
+@pytest.mark.parametrize("mode", ["full", "full-plain-loss", "lora", "lora-checkpointing", "full-frozen", "lora-checkpointing-plain",
+                                  "lora-frozen"])
 def test_memory_estimate_matches_what_the_tiny_model_allocates(tmp_path, tiny_model, mode):
     """Weights, gradients and optimizer states are summed from the real tensors after a training step;
     activations are the bytes malloc hands out during the forward pass of the longest batch."""
     data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "x " * 200, "response": "y " * 50}] * 8)
     flags = ["--bits", "32", "--per_device_train_batch_size", "4", "--optim", "adamw_torch"]
-    flags += {"full": ["--full_finetune"], "lora": ["--lora_r", "8"],
+    flags += {"full": ["--full_finetune"], "full-plain-loss": ["--full_finetune", "--chunked_cross_entropy", "False"],
+              "lora": ["--lora_r", "8"],
               "lora-checkpointing": ["--lora_r", "8", "--gradient_checkpointing"],
+              "lora-checkpointing-plain": ["--lora_r", "8", "--gradient_checkpointing", "--chunked_cross_entropy", "False"],
               "full-frozen": ["--full_finetune", "--layers_to_freeze", "1"],
               "lora-frozen": ["--lora_r", "8", "--layers_to_freeze", "1"]}[mode]
     built = build_stages(tiny_model, data, tmp_path / "o", *flags)
@@ -190,8 +193,10 @@ def test_memory_estimate_matches_what_the_tiny_model_allocates(tmp_path, tiny_mo
     batch = trainer.data_collator([train_set[i] for i in range(4)])
     assert batch["input_ids"].shape[1] == plan.longest_row
     model.train()
+    if args.activation_checkpointing:  # as Trainer.train() turns it on
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     start = allocated_bytes()
-    loss = model(**batch).loss
+    loss = trainer.compute_loss(model, batch)  # the loss the run uses (the trained-token loss by default)
     activations = allocated_bytes() - start
     loss.backward()
     optimizer = trainer.create_optimizer()

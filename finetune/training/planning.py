@@ -23,9 +23,14 @@ How the estimate is derived (bytes per device; p = bytes of the compute dtype: 2
   each decoder layer keeps p x (8 h + 3 kv + 4 f) (h hidden, kv the key/value width, f the MLP width; 6 h with a
   frozen base, whose norms need not keep their outputs), plus p x heads x length with eager attention (the
   probabilities; sdpa/flash keep none), plus the LoRA A outputs (p x r per adapted layer) and, with
-  --lora_dropout, the dropped inputs (p + 1 per input feature). The loss keeps the logits and an fp32 copy:
-  (p + 4) x vocab. With --gradient_checkpointing a layer keeps only its input (p x h) and one layer is recomputed
-  at a time. Frozen bottom layers (--layers_to_freeze) keep nothing. Checked on the tiny model against the bytes
+  --lora_dropout, the dropped inputs (p + 1 per input feature). The trained-token loss (--chunked_cross_entropy,
+  the default) keeps only the trained positions' hidden states (p x h, counted for every token); the plain loss
+  keeps its fp32 log-softmax of every position's logits, 4 x vocab. With --gradient_checkpointing a layer keeps only its input
+  (p x h).
+- backward_peak: what the backward allocates for a while on top of the activations, the larger of: the loss's
+  (the trained-token loss recomputes one chunk's logits, their fp32 copy and its gradient,
+  min(--cross_entropy_chunk_size, tokens) x vocab x (p + 8); the plain loss has the fp32 gradient of every
+  position's logits, tokens x vocab x 4) and, with --gradient_checkpointing, the one layer recomputed at a time. Frozen bottom layers (--layers_to_freeze) keep nothing. Checked on the tiny model against the bytes
   actually allocated in a forward pass (tests/test_planning.py; figures in BENCHMARKS.md).
 Not counted: the CUDA context and allocator slack (typically 1-3 GiB), communication buckets, eval batches.
 """
@@ -165,13 +170,22 @@ def estimate_memory(config, counts: ParameterCounts, args, micro_batch: int, row
             weights = 0
     if fsdp:  # full shard: weights, gradients and optimizer states each split over the ranks
         weights, gradients, optimizer = weights / world_size, gradients / world_size, optimizer / world_size
-    activations = micro_batch * row_length * activation_bytes_per_token(config, args, p, row_length, attn_implementation)
-    memory = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations}
+    tokens = micro_batch * row_length
+    kept, recomputed = activation_bytes_per_token(config, args, p, row_length, attn_implementation)
+    if args.chunked_cross_entropy:
+        loss = min(args.cross_entropy_chunk_size, tokens) * config.vocab_size * (p + 8)
+    else:
+        loss = tokens * config.vocab_size * 4
+    memory = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": tokens * kept,
+              "backward_peak": max(loss, tokens * recomputed)}
     memory["total"] = sum(memory.values())
     return memory, notes
 
 
-def activation_bytes_per_token(config, args, p: int, row_length: int, attn_implementation: str) -> float:
+def activation_bytes_per_token(config, args, p: int, row_length: int, attn_implementation: str
+                               ) -> tuple[float, float]:
+    """Per token: (bytes kept for the backward, bytes of the one layer recomputed at a time under activation
+    checkpointing, 0 without it)."""
     hidden, layers, ffn = config.hidden_size, config.num_hidden_layers, config.intermediate_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
@@ -188,13 +202,14 @@ def activation_bytes_per_token(config, args, p: int, row_length: int, attn_imple
         layer += p * args.lora_r * len(adapted_inputs)
         if args.lora_dropout > 0:
             layer += sum(adapted_inputs) * (p + 1)
-    outside = (p * 3 * hidden if args.full_finetune else 0) + (p + 4) * vocab  # embeddings' output, final norm; logits
+    logits = p * hidden if args.chunked_cross_entropy else 4 * vocab  # what the loss keeps (see the docstring)
+    outside = (p * 3 * hidden if args.full_finetune else 0) + logits  # embeddings' output, final norm; the loss's
     # nothing below the frozen layers needs a gradient, so they keep no activations
     layers -= knobs.frozen_layer_count(args.layers_to_freeze,
                                                 args.layer_freeze_ratio, layers)
     if args.activation_checkpointing:
-        return layers * p * hidden + layer + outside
-    return layers * layer + outside
+        return layers * p * hidden + outside, layer
+    return layers * layer + outside, 0.0
 
 
 def steps_per_epoch(train_samples: int, micro_batch: int, world_size: int, accumulation: int) -> int:
@@ -237,9 +252,9 @@ def describe(plan: Plan, args) -> str:
         f"steps: {plan.train_samples} training rows -> {plan.steps_per_epoch} per epoch x {plan.epochs:g} epochs = "
         f"{plan.total_steps} optimizer steps ({plan.warmup_steps} warmup)",
         f"memory per device, estimated (GiB): weights {m['weights']:.2f} + gradients {m['gradients']:.2f} + optimizer "
-        f"{m['optimizer']:.2f} + activations {m['activations']:.2f} (longest micro-batch: {plan.micro_batch} x "
-        f"{plan.longest_row} tokens) = {m['total']:.2f}; with rows of --model_max_len: activations "
-        f"{w['activations']:.2f}, total {w['total']:.2f}; plus CUDA context and allocator slack (1-3 GiB)",
+        f"{m['optimizer']:.2f} + activations {m['activations']:.2f} + backward peak {m['backward_peak']:.2f} (longest micro-batch: "
+        f"{plan.micro_batch} x {plan.longest_row} tokens) = {m['total']:.2f}; with rows of --model_max_len: "
+        f"activations {w['activations']:.2f}, backward peak {w['backward_peak']:.2f}, total {w['total']:.2f}; plus CUDA context and allocator slack (1-3 GiB)",
     ]
     lines += [f"note: {note}" for note in plan.memory_notes]
     return "\n  ".join(["dry run plan (nothing trained or written):"] + lines)
