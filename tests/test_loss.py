@@ -210,3 +210,32 @@ def test_one_sgd_step_through_the_trainer_moves_every_weight_as_the_plain_path(t
         # every trained weight took a step (the head included), but LoRA's A: its gradient is 0 while B is 0
         assert float(change.abs().max()) > 0 or "lora_A" in name, name
         assert torch.allclose(ours_changes[name], change, atol=1e-5, rtol=1e-4), name
+
+
+def test_first_batch_check_tolerates_bf16_rounding_and_catches_a_rescaled_head():
+    """bf16 logits of the same product from two kernels differ by a unit of bf16 precision: no reason to fall back
+    (a 1e-3 tolerance did, on QLoRA in bf16); a head output scaled after the fact is caught."""
+    from finetune.training.loss import LogitsMismatch
+
+    model = tiny_llama()
+    loss, _ = TrainedTokenLoss.for_model(model, 16)
+    hidden = torch.randn(2, 5, 64)
+    exact = model.lm_head(hidden).detach()
+    one_ulp = exact.to(torch.bfloat16) + exact.to(torch.bfloat16).abs() * 2 ** -8  # a unit of bf16 off
+    loss._verify(hidden, {"logits": one_ulp})
+    assert loss.verified
+    loss.verified = False
+    with pytest.raises(LogitsMismatch, match="differ from head"):
+        loss._verify(hidden, {"logits": (exact * 0.5).to(torch.bfloat16)})
+    assert not loss.verified
+
+
+def test_gpu_check_fails_loudly_on_a_machine_without_a_gpu(tmp_path):
+    import os
+    import subprocess
+
+    from conftest import ROOT
+
+    result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh")], capture_output=True, text=True,
+                            env={**os.environ, "PATH": f"{tmp_path}:/usr/bin:/bin"}, timeout=120)
+    assert result.returncode == 1 and "gpu_check: FAILED: no nvidia-smi" in result.stderr
