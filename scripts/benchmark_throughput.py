@@ -2,6 +2,7 @@
 
     make bench        # = pip install -r requirements-bench.txt; python scripts/benchmark_throughput.py
     python scripts/benchmark_throughput.py [--steps 8] [--lengths 2048 4096] [--configs original ours_grouped ...]
+    python scripts/benchmark_throughput.py --data longtail --lengths 2048 --batch_sizes 2 12   # the seed recipes'
 
 Same machine, model and data for every configuration: a random Llama (hidden 256, 4 layers) with the real Llama-2
 tokenizer from ../shared/data/tokenizers, full fine-tune in fp32, on the alpaca files in ../shared/data/alpaca.
@@ -10,7 +11,12 @@ Each configuration trains --steps optimizer steps in its own subprocess; the fir
   ours_grouped  tokenized once (cached), length-grouped batches padded to the batch's longest
   ours_packed   tokenized once (cached), --sample_packing: one row of --model_max_len per step, no padding
   trl           TRL's SFTTrainer, packing="bfd" with padding-free rows (its best setting here)
-Padded configurations use max_len // 256 samples per step so that every step holds about the same real tokens.
+Padded configurations use max_len // 256 samples per step so that every step holds about the same real tokens,
+or each of --batch_sizes in turn (packed configurations take one row of max_len per step either way).
+--data longtail replaces alpaca with held-out-like long-tail data: prompt and answer spans cut from the alpaca
+files' own token stream (real text, real tokenizer), total lengths log-normal with p50 ~130 and p99 ~1,650 tokens
+(self-instruct-like), so that random batches of 12 pad to their longest. Ours runs the FinetuneTrainer with the
+trained-token loss, as train.py does.
 Reported per configuration: real (non-pad) tokens/s, real tokens per computed slot, peak RSS, and for ours the
 preprocessing time cold and cached; then the ratios ours/original and ours/TRL. Nothing here is a unit test.
 """
@@ -35,6 +41,7 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 ALPACA_FILES = ["gsm_8k_train.json", "gpteacher_toolformer-dedupe-only-dataset.json",
                 "gpteacher_roleplay-simple-deduped-roleplay-dataset.json"]
 CONFIGS = ["original", "ours_grouped", "ours_packed", "trl"]
+PACKED = ("ours_packed", "trl")  # one row of max_len per step, whatever --batch_sizes says
 QLORA_ALPACA_PROMPT = {  # qlora.py's ALPACA_PROMPT_DICT, verbatim layout
     "input": ("Below is an instruction that describes a task, paired with an input that provides further context. "
               "Write a response that appropriately completes the request.\n\n"
@@ -70,6 +77,33 @@ def make_data(work: str) -> str:
         with open(os.path.join(SHARED, "alpaca", name)) as handle:
             rows += json.load(handle)
     path = os.path.join(work, "alpaca_all.jsonl")
+    with open(path, "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    return path
+
+
+def make_long_tail_data(work: str, model_dir: str, records: int = 4000) -> str:
+    """Alpaca-format records whose instruction and output are spans of real alpaca text; total token lengths
+    log-normal (p50 ~130, p99 ~1,650), the prompt 20-60 % of each."""
+    import math
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    stream: list[int] = []
+    for name in ALPACA_FILES:
+        with open(os.path.join(SHARED, "alpaca", name)) as handle:
+            for row in json.load(handle):
+                stream += tokenizer(row["instruction"] + " " + row["output"], add_special_tokens=False)["input_ids"]
+    rng = random.Random(1)
+    rows = []
+    for _ in range(records):
+        total = min(int(math.exp(rng.gauss(math.log(130), math.log(1650 / 130) / 2.326))), 3000)
+        prompt = max(4, int(total * rng.uniform(0.2, 0.6)))
+        start = rng.randrange(0, len(stream) - total - 1)
+        rows.append({"instruction": tokenizer.decode(stream[start:start + prompt]).strip(), "input": "",
+                     "output": tokenizer.decode(stream[start + prompt:start + total]).strip()})
+    path = os.path.join(work, "long_tail.jsonl")
     with open(path, "w") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in rows)
     return path
@@ -171,18 +205,21 @@ def training_arguments(work: str, steps: int, batch: int, **extra):
                              dataloader_num_workers=0, **extra)
 
 
-def run_config(config: str, model_dir: str, data_file: str, max_len: int, steps: int, work: str) -> dict:
+def run_config(config: str, model_dir: str, data_file: str, max_len: int, steps: int, work: str,
+               batch: int | None = None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
     from finetune.data import pipeline as data
+    from finetune.training.loss import TrainedTokenLoss
+    from finetune.training.trainer import FinetuneTrainer
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.pad_token = tokenizer.unk_token
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False
-    padded_batch = max(1, max_len // 256)
+    padded_batch = batch or max(1, max_len // 256)
     timer = StepTimer()
     if config == "trl":
         trainer, counter = trl_trainer(model, tokenizer, data_file, max_len, steps, work)
@@ -206,13 +243,18 @@ def run_config(config: str, model_dir: str, data_file: str, max_len: int, steps:
             args = training_arguments(work, steps, 1 if packing else padded_batch,
                                       train_sampling_strategy="random" if packing else "group_by_length")
         counter = CountingCollator(collator, tokenizer.pad_token_id)
-        trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=counter)
+        if config == "original":
+            trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=counter)
+        else:  # ours: the run's Trainer and loss (logits only at trained positions)
+            trainer = FinetuneTrainer(model=model, args=args, train_dataset=train_set, data_collator=counter,
+                                      trained_token_loss=TrainedTokenLoss.for_model(model, 1024)[0])
     trainer.add_callback(timer)
     trainer.train()
     timed = sum(timer.times[1:])
     real_per_step = counter.real / max(1, len(timer.times))
     return {
-        "config": config, "max_len": max_len, "steps": len(timer.times),
+        "config": config, "max_len": max_len, "batch": 1 if config in PACKED else padded_batch,
+        "steps": len(timer.times),
         "real_tokens_per_s": round(real_per_step * (len(timer.times) - 1) / timed, 1) if timed else 0.0,
         "real_per_slot": round(counter.real / counter.slots, 4) if counter.slots else 0.0,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -245,6 +287,10 @@ def main() -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096], help="--model_max_len values")
     parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS, help="which configurations")
     parser.add_argument("--work_dir", default=None, help="scratch directory (default: a temporary one)")
+    parser.add_argument("--data", choices=["alpaca", "longtail"], default="alpaca", help="see above")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=None,
+                        help="samples per step of the padded configurations (default: max_len // 256)")
+    parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)  # internal: one configuration
     parser.add_argument("--run", default=None, help=argparse.SUPPRESS)  # internal: one configuration
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
@@ -252,19 +298,24 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if args.run:
-        print("RESULT " + json.dumps(run_config(args.run, args.model, args.data, args.lengths[0], args.steps, args.work_dir)))
+        print("RESULT " + json.dumps(run_config(args.run, args.model, args.data, args.lengths[0], args.steps,
+                                                args.work_dir, args.batch)))
         return 0
     if not os.path.isdir(SHARED):
         print(f"benchmark needs the real tokenizer and data in {SHARED}; it is absent here")
         return 2
     work = args.work_dir or tempfile.mkdtemp(prefix="bench-")
-    model_dir, data_file = make_model(work), make_data(work)
+    model_dir = make_model(work)
+    data_file = make_long_tail_data(work, model_dir) if args.data == "longtail" else make_data(work)
     results, preprocessing = [], {}
+    runs = [(config, batch) for batch in (args.batch_sizes or [None]) for config in args.configs]
+    runs = [(c, b) for i, (c, b) in enumerate(runs) if c not in PACKED or c not in [x for x, _ in runs[:i]]]
     for max_len in args.lengths:
         preprocessing[max_len] = time_preprocessing(model_dir, data_file, max_len, work)
-        for config in args.configs:
+        for config, batch in runs:
             command = [sys.executable, os.path.abspath(__file__), "--run", config, "--model", model_dir, "--data",
                        data_file, "--lengths", str(max_len), "--steps", str(args.steps), "--work_dir", work]
+            command += ["--batch", str(batch)] if batch else []
             output = subprocess.run(command, capture_output=True, text=True)
             line = next((out for out in output.stdout.splitlines() if out.startswith("RESULT ")), None)
             if line is None:
@@ -280,20 +331,28 @@ def main() -> int:
 
 
 def report(results: list[dict], preprocessing: dict, args) -> None:
-    print(f"\n$ python scripts/benchmark_throughput.py --steps {args.steps} --lengths {' '.join(map(str, args.lengths))}")
-    print("| max_len | config | real tokens/s | real tokens / computed slot | peak RSS MB |")
-    print("|---|---|---|---|---|")
+    batches = f" --batch_sizes {' '.join(map(str, args.batch_sizes))}" if args.batch_sizes else ""
+    print(f"\n$ python scripts/benchmark_throughput.py --data {args.data} --steps {args.steps} --lengths "
+          f"{' '.join(map(str, args.lengths))}{batches}")
+    print("| max_len | config | samples per step | real tokens/s | real tokens / computed slot | peak RSS MB |")
+    print("|---|---|---|---|---|---|")
     for r in results:
         if "error" not in r:
-            print(f"| {r['max_len']} | {r['config']} | {r['real_tokens_per_s']:.0f} | {r['real_per_slot']:.3f} | {r['peak_rss_mb']:.0f} |")
+            print(f"| {r['max_len']} | {r['config']} | {r['batch']} | {r['real_tokens_per_s']:.0f} | "
+                  f"{r['real_per_slot']:.3f} | {r['peak_rss_mb']:.0f} |")
     for max_len, p in preprocessing.items():
-        by = {r["config"]: r for r in results if r["max_len"] == max_len and "error" not in r}
-        best = max((by[c] for c in ("ours_grouped", "ours_packed") if c in by), key=lambda r: r["real_tokens_per_s"], default=None)
+        done = [r for r in results if r["max_len"] == max_len and "error" not in r]
         print(f"\nmax_len {max_len}: packing efficiency {100 * p['packing_efficiency']:.2f}% ({p['samples']} samples); "
               f"preprocessing cold {p['cold_s']} s, cached {p['cached_s']} s ({100 * p['cached_over_cold']:.1f}% of cold)")
-        for other in ("original", "trl"):
-            if best and other in by and by[other]["real_tokens_per_s"]:
-                print(f"  ours best ({best['config']}) / {other}: {best['real_tokens_per_s'] / by[other]['real_tokens_per_s']:.2f}x real tokens/s")
+        trl = next((r for r in done if r["config"] == "trl"), None)
+        for batch in sorted({r["batch"] for r in done if r["config"] == "original"}):
+            original = next(r for r in done if r["config"] == "original" and r["batch"] == batch)
+            ours = [r for r in done if r["config"] == "ours_packed" or (r["config"] == "ours_grouped" and r["batch"] == batch)]
+            best = max(ours, key=lambda r: r["real_tokens_per_s"], default=None)
+            for name, other in (("original", original), ("trl", trl)):
+                if best and other and other["real_tokens_per_s"]:
+                    print(f"  batch {batch}: ours best ({best['config']}) / {name}: "
+                          f"{best['real_tokens_per_s'] / other['real_tokens_per_s']:.2f}x real tokens/s")
 
 
 if __name__ == "__main__":

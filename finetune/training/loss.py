@@ -120,7 +120,7 @@ class TrainedTokenLoss:
         # (bf16: 2^-8); a scale or cap after the head differs by far more
         tolerance = max(1e-3, 4 * torch.finfo(theirs.dtype).eps)
         with torch.no_grad():
-            ours = self.head(hidden[:, -1]).float()
+            ours = self.head(hidden[:, -1].detach()).float()  # detached: no grad hooks (FlopCounterMode) fire
             if self.softcap is not None:
                 ours = torch.tanh(ours / self.softcap) * self.softcap
             theirs = theirs[:, -1].float()
