@@ -46,6 +46,13 @@ def _chunk_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def _partitioned(head: torch.nn.Module) -> bool:
+    """DeepSpeed ZeRO-3 parameters (`ds_id`) are gathered by module hooks and swapped back to empty shards between
+    calls; the non-reentrant checkpoint compares the tensors it saved with their recomputation and refuses that
+    swap (seen with offload_param), the reentrant one (DeepSpeed's own kind) re-runs the forward and does not."""
+    return any(hasattr(p, "ds_id") for p in head.parameters())
+
+
 def trained_token_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_size: int,
                            softcap: Optional[float] = None) -> tuple[torch.Tensor, int]:
     """(sum of cross-entropies over the trained positions, their count); the head sees only those positions,
@@ -62,7 +69,7 @@ def trained_token_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: tor
     for start in range(0, count, chunk_size):
         part = (rows[start:start + chunk_size], wanted[start:start + chunk_size], head, softcap)
         if torch.is_grad_enabled():
-            piece = checkpoint(_chunk_loss_sum, *part, use_reentrant=False)
+            piece = checkpoint(_chunk_loss_sum, *part, use_reentrant=_partitioned(head))
         else:
             piece = _chunk_loss_sum(*part)
         total = piece if total is None else total + piece
