@@ -31,6 +31,32 @@ os.environ.setdefault("MASTER_PORT", WORKER_PORT)
 TORCH_EXTENSIONS_DIR = os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".venv", "torch_extensions"))
 
 
+# Test modules whose tests must run on one test worker, so that their module fixture is built once (the demo joins
+# the format tests, the largest group, so that it is scheduled first). pytest-xdist's own xdist_group mark works by
+# rewriting node ids, which pytest 9.2 no longer honours (pytest-xdist#1386): the groups were silently split and
+# test_scale_out's five training runs were built on both workers. This scheduler groups by module path instead.
+WORKER_GROUPS = {
+    "tests/test_demo.py": "demo_and_formats",
+    "tests/test_dataset_formats.py": "demo_and_formats",
+    "tests/test_merge.py": "merge",
+    "tests/test_outputs.py": "outputs",
+    "tests/test_planning.py": "planning",
+    "tests/test_scale_out.py": "scale_out",
+}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class ModuleGroupScheduling(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return WORKER_GROUPS.get(nodeid.split("::", 1)[0]) or super()._split_scope(nodeid)
+
+    return ModuleGroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     """The longest test (the demo) goes first, so that with several workers the others run beside it."""
     items.sort(key=lambda item: item.get_closest_marker("longest") is None)

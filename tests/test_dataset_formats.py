@@ -18,8 +18,6 @@ from dataset_formats import (
     render_segments,
 )
 
-pytestmark = pytest.mark.xdist_group("demo_and_formats")  # one worker builds its module fixture
-
 CHAT = {
     "conversations": [
         {"from": "system", "value": "Be brief."},

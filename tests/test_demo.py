@@ -15,7 +15,6 @@ from finetune.demo import EOS_BAR, EXACT_MATCH_BAR
 
 @pytest.mark.slow
 @pytest.mark.longest
-@pytest.mark.xdist_group("demo_and_formats")  # the largest group: scheduled first (see pytest.ini)
 def test_demo_learns_the_task_and_stops_at_eos(tmp_path):
     # alone, it uses every core as a user's run would; beside other test workers, one thread (see conftest)
     threads = os.environ["OMP_NUM_THREADS"] if IN_WORKER else str(os.cpu_count())

@@ -81,3 +81,17 @@ def test_no_import_cycle_between_project_modules():
 def test_ruff_is_clean():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", ROOT], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_every_module_fixture_is_built_on_one_test_worker():
+    """A module fixture (a shared training run) is built once only if its module's tests share a worker: each such
+    module must be in conftest.WORKER_GROUPS, which the scheduler reads (xdist's own group mark no longer holds)."""
+    from conftest import WORKER_GROUPS
+
+    marker = "@pytest.fixture(scope=" + '"module")'  # split, so that this file does not match itself
+    with_module_fixture = {
+        os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "tests", "test_*.py"))
+        if marker in open(path).read()
+    }
+    assert with_module_fixture and with_module_fixture <= WORKER_GROUPS.keys(), with_module_fixture - WORKER_GROUPS.keys()
+    assert all(os.path.exists(os.path.join(ROOT, path)) for path in WORKER_GROUPS)

@@ -16,8 +16,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from finetune.outputs import merging
 
-pytestmark = pytest.mark.xdist_group("merge")  # one worker builds its module fixture
-
 PROBE = "Tell me about the sea. Here is a fact about the sea."
 
 

@@ -25,8 +25,6 @@ from finetune.outputs import chat, hub, inference, reporting
 from finetune.run_paths import RunPaths
 from finetune.training.stages import generation_config
 
-pytestmark = pytest.mark.xdist_group("outputs")  # one worker builds its module fixture
-
 MAX_NEW_TOKENS = 6
 PREDICTIONS = 3
 

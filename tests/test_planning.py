@@ -23,8 +23,6 @@ import train
 from finetune.config.flags import LEGACY_FLAGS
 from finetune.training import planning
 
-pytestmark = pytest.mark.xdist_group("planning")  # one worker builds its module fixture
-
 # the recipes' launchers (gpu_check.sh is a measurement, not a recipe)
 RECIPES = sorted(p for p in glob.glob(os.path.join(ROOT, "scripts", "*.sh")) if not p.endswith("gpu_check.sh"))
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import ROOT, conversations, run, train_py, write_jsonl
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("scale_out")]  # one worker builds its module fixture
+pytestmark = pytest.mark.slow  # one test worker runs the module (conftest.WORKER_GROUPS)
 
 STEPS = 4
 
