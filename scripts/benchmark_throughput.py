@@ -34,8 +34,6 @@ import sys
 import tempfile
 import time
 
-from transformers import TrainerCallback
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 ALPACA_FILES = ["gsm_8k_train.json", "gpteacher_toolformer-dedupe-only-dataset.json",
@@ -182,18 +180,22 @@ class QloraCollator:
         }
 
 
-class StepTimer(TrainerCallback):
-    """Times every optimizer step (the first is warm-up and left out of the rate)."""
+def step_timer():
+    """A callback that times every optimizer step (the first is warm-up and left out of the rate)."""
+    from transformers import TrainerCallback  # imported here so that --help answers without loading transformers
 
-    def __init__(self):
-        self.times: list[float] = []
-        self.started = 0.0
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+            self.started = 0.0
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.started = time.perf_counter()
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
 
-    def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self.started)
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.started)
+
+    return StepTimer()
 
 
 def training_arguments(work: str, steps: int, batch: int, **extra):
@@ -220,7 +222,7 @@ def run_config(config: str, model_dir: str, data_file: str, max_len: int, steps:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False
     padded_batch = batch or max(1, max_len // 256)
-    timer = StepTimer()
+    timer = step_timer()
     if config == "trl":
         trainer, counter = trl_trainer(model, tokenizer, data_file, max_len, steps, work)
     else:
@@ -293,12 +295,12 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)  # internal: one configuration
     parser.add_argument("--run", default=None, help=argparse.SUPPRESS)  # internal: one configuration
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--data_file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if args.run:
-        print("RESULT " + json.dumps(run_config(args.run, args.model, args.data, args.lengths[0], args.steps,
+        print("RESULT " + json.dumps(run_config(args.run, args.model, args.data_file, args.lengths[0], args.steps,
                                                 args.work_dir, args.batch)))
         return 0
     if not os.path.isdir(SHARED):
@@ -313,7 +315,7 @@ def main() -> int:
     for max_len in args.lengths:
         preprocessing[max_len] = time_preprocessing(model_dir, data_file, max_len, work)
         for config, batch in runs:
-            command = [sys.executable, os.path.abspath(__file__), "--run", config, "--model", model_dir, "--data",
+            command = [sys.executable, os.path.abspath(__file__), "--run", config, "--model", model_dir, "--data_file",
                        data_file, "--lengths", str(max_len), "--steps", str(args.steps), "--work_dir", work]
             command += ["--batch", str(batch)] if batch else []
             output = subprocess.run(command, capture_output=True, text=True)

@@ -95,3 +95,13 @@ def test_every_module_fixture_is_built_on_one_test_worker():
     }
     assert with_module_fixture and with_module_fixture <= WORKER_GROUPS.keys(), with_module_fixture - WORKER_GROUPS.keys()
     assert all(os.path.exists(os.path.join(ROOT, path)) for path in WORKER_GROUPS)
+
+
+def test_every_python_script_answers_help():
+    """The benchmark and helper scripts are run by hand, not by the suite: at least their command lines must parse
+    (a duplicated option once made benchmark_throughput.py fail before it started)."""
+    scripts = sorted(glob.glob(os.path.join(ROOT, "scripts", "*.py")))
+    assert len(scripts) >= 5
+    for script in scripts:
+        result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and "usage:" in result.stdout, f"{script}: {result.stderr[-2000:]}"
