@@ -103,7 +103,7 @@ def evaluate(model_dir: str, heldout_file: str, limit: int | None = None) -> dic
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work_dir", default=os.path.join(ROOT, "runs", "demo"), help="where everything is written")
-    parser.add_argument("--max_steps", type=int, default=2000, help="training steps (batch 32)")
+    parser.add_argument("--max_steps", type=int, default=1400, help="training steps (batch 32)")
     parser.add_argument("--hidden", type=int, default=128, help="tiny model hidden size")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
