@@ -13,43 +13,38 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
-IGNORE_INDEX = -100
-
-
-@dataclass(frozen=True)
-class Segment:
-    """A piece of a rendered sample: plain text, or a special token added as an id. `special` is "bos", "eos"
-    (the tokenizer's own) or a literal token such as "<|im_end|>" that must be one id in the vocabulary."""
-
-    text: str
-    trainable: bool
-    special: str | None = None
-    template: bool = False  # text rendered by a chat template: special tokens written in it are parsed as tokens
-
-
-def prompt(text: str) -> Segment:
-    return Segment(text, trainable=False)
-
-
-def response(text: str) -> Segment:
-    return Segment(text, trainable=True)
-
-
-def special(token: str, trainable: bool = False) -> Segment:
-    return Segment("", trainable=trainable, special=token)
-
-
-BOS = Segment("", trainable=False, special="bos")
-EOS = Segment("", trainable=True, special="eos")  # the end token of a response is trained: models learn to stop
-
-
-class RecordError(ValueError):
-    """A record that a format cannot render; the message names the field and the fix."""
-
+# the pieces formats are built from, re-exported: this module is the public face of the data layer
+from finetune.data.conversations import (  # noqa: F401
+    CONVERSATION_FIELDS,
+    ROLE_ALIASES,
+    check_role_order,
+    conversation_messages,
+    conversation_tools,
+    split_system,
+    with_article,
+)
+from finetune.data.segments import (  # noqa: F401
+    BOS,
+    EOS,
+    IGNORE_INDEX,
+    Encoded,
+    RecordError,
+    Segment,
+    encode_segments,
+    prompt,
+    prompt_segments,
+    render_segments,
+    response,
+    special,
+    special_ids,
+    token_id,
+)
+from finetune.data.template_masks import answer_end, render_template, template_end_token, template_segments  # noqa: F401
 
 FormatFn = Callable[[dict], list[Segment]]
 FORMATS: dict[str, FormatFn] = {}
@@ -160,65 +155,6 @@ def airoboros(record: dict) -> list[Segment]:
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
-ROLE_ALIASES = {
-    "system": "system",
-    "human": "user", "user": "user", "prompter": "user",
-    "gpt": "assistant", "assistant": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant",
-}
-CONVERSATION_FIELDS = ("conversations", "messages", "conversation")
-
-
-def conversation_messages(record: dict, field: str | None = None) -> list[dict]:
-    """ShareGPT ({from, value}), OpenAI/HF ({role, content}) or guanaco ({role: prompter, text}) turns ->
-    [{"role": system|user|assistant, "content"}], with the role order checked."""
-    if field is None:
-        field = next((name for name in CONVERSATION_FIELDS if name in record), CONVERSATION_FIELDS[0])
-    turns = record.get(field)
-    if not isinstance(turns, list) or not turns:
-        raise RecordError(f"field {field!r} must be a non-empty list of turns")
-    messages = []
-    for index, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise RecordError(f"{field}[{index}] must be an object with 'from' and 'value' (or 'role' and 'content')")
-        role = turn.get("from", turn.get("role"))
-        if role not in ROLE_ALIASES:
-            raise RecordError(f"{field}[{index}] has role {role!r}; expected one of {', '.join(ROLE_ALIASES)}")
-        content = next((turn[key] for key in ("value", "content", "text") if key in turn), None)
-        if not isinstance(content, str):
-            raise RecordError(f"{field}[{index}] ({role}) needs a string 'value' (or 'content')")
-        messages.append({"role": ROLE_ALIASES[role], "content": content})
-    check_role_order(messages, field)
-    return messages
-
-
-def check_role_order(messages: list[dict], field: str) -> None:
-    start = 1 if messages[0]["role"] == "system" else 0
-    dialog = messages[start:]
-    if not dialog:
-        raise RecordError(f"{field} has a system turn but no user/assistant turns")
-    for offset, message in enumerate(dialog):
-        expected = "user" if offset % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            raise RecordError(
-                f"{field}[{start + offset}] is {with_article(message['role'])} turn where {with_article(expected)} turn must be "
-                "(optional system first, then user and assistant alternating)"
-            )
-        if expected == "assistant" and not message["content"].strip():
-            raise RecordError(f"{field}[{start + offset}] is an empty assistant turn")
-    if dialog[-1]["role"] != "assistant":
-        raise RecordError(f"{field} must end with an assistant turn (the last turn is {dialog[-1]['role']})")
-
-
-def with_article(word: str) -> str:
-    return ("an " if word.startswith("a") else "a ") + word  # roles: system, user, assistant
-
-
-def split_system(messages: list[dict], default: str | None = None) -> tuple[str | None, list[dict]]:
-    if messages[0]["role"] == "system":
-        return messages[0]["content"], messages[1:]
-    return default, messages
-
-
 def llama2_chat_segments(messages: list[dict]) -> list[Segment]:
     """Meta's reference layout, turn by turn: <s>[INST] {user} [/INST] {assistant} </s>; every answer is trained.
 
@@ -242,19 +178,50 @@ def llama2_chat_segments(messages: list[dict]) -> list[Segment]:
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 
-def chatml_segments(messages: list[dict]) -> list[Segment]:
+# Tool calls in the chatml layout: the Hermes / Qwen2.5 convention. The tool schemas go at the end of the system turn
+# (one JSON object per line inside <tools></tools>), each call is <tool_call>{"name", "arguments"}</tool_call> inside
+# the assistant turn (trained, with its <|im_end|>), and a tool's result is a `tool` turn (masked).
+TOOLS_PREAMBLE = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                  "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+TOOLS_CLOSING = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+                 "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+                 "<args-json-object>}\n</tool_call>")
+
+
+def tojson(value) -> str:
+    return json.dumps(value, ensure_ascii=False)  # what transformers' chat templates render with `| tojson`
+
+
+def tools_system(messages: list[dict], tools: list[dict] | None) -> list[dict]:
+    """The messages with the tool schemas appended to the system turn (one is added when there is none)."""
+    if not tools:
+        return messages
+    block = TOOLS_PREAMBLE + "".join("\n" + tojson(tool) for tool in tools) + TOOLS_CLOSING
+    system, dialog = split_system(messages)
+    return [{"role": "system", "content": f"{system}\n\n{block}" if system else block}] + dialog
+
+
+def assistant_text(message: dict) -> str:
+    """An assistant turn's text: its content, then each tool call on its own line."""
+    calls = [f'<tool_call>\n{{"name": "{call["function"]["name"]}", "arguments": {tojson(call["function"]["arguments"])}}}'
+             "\n</tool_call>" for call in message.get("tool_calls", [])]
+    return "\n".join(([message["content"]] if message["content"] else []) + calls)
+
+
+def chatml_segments(messages: list[dict], tools: list[dict] | None = None) -> list[Segment]:
     """<|im_start|>{role}\n{content}<|im_end|>\n per turn; the answer and its <|im_end|> are trained.
 
     <|im_start|>/<|im_end|> are special-token ids (added to the vocabulary when missing), never text. The newline
-    after <|im_end|> is part of the next prompt, so generation stops right at <|im_end|>.
+    after <|im_end|> is part of the next prompt, so generation stops right at <|im_end|>. Tool calls and results:
+    see TOOLS_PREAMBLE above.
     """
     segments: list[Segment] = []
-    for index, message in enumerate(messages):
+    for index, message in enumerate(tools_system(messages, tools)):
         if index:
             segments.append(prompt("\n"))
         segments += [special(IM_START), prompt(f"{message['role']}\n")]
         if message["role"] == "assistant":
-            segments += [response(message["content"]), special(IM_END, trainable=True)]
+            segments += [response(assistant_text(message)), special(IM_END, trainable=True)]
         else:
             segments += [prompt(message["content"]), special(IM_END)]
     return segments
@@ -290,7 +257,7 @@ def llama2_chat(record: dict) -> list[Segment]:
 @register("chatml", chat_layout="chatml", special_tokens=(IM_START, IM_END), end_token=IM_END)
 def chatml(record: dict) -> list[Segment]:
     """Any conversation record in ChatML: <|im_start|>role\ncontent<|im_end|>; answers + <|im_end|> trained."""
-    return chatml_segments(conversation_messages(record))
+    return chatml_segments(conversation_messages(record, tools=True), conversation_tools(record))
 
 
 @register("vicuna", chat_layout="vicuna")
@@ -510,57 +477,12 @@ def pretokenized_sample(record: dict, vocab_size: int) -> tuple[list[int], list[
 
 @register("chat_template")
 def chat_template_format(record: dict, options=None) -> list[Segment]:
-    """Any conversation record rendered with the tokenizer's own Jinja chat template (kept on the saved tokenizer).
-
-    Masks come from the template itself: for every assistant turn, the text rendered for the messages before it
-    with add_generation_prompt=True must be a prefix of the text with it (the prefix property, checked); the
-    difference is the answer, trained up to and including the first special token after its content (the
-    end-of-turn token). A template that ends an answer with no special token gets a trained EOS there.
-    """
+    """Any conversation record rendered with the tokenizer's own Jinja chat template (kept on the saved tokenizer);
+    the masks come from the template itself (finetune/data/template_masks.py)."""
     tokenizer = getattr(options, "tokenizer", None)
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise RecordError("--dataset_format chat_template needs a tokenizer with a chat template")
-    messages = conversation_messages(record)
-    segments: list[Segment] = []
-    done = ""
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before, after = render_template(tokenizer, messages[:index], True), render_template(tokenizer, messages[: index + 1], False)
-        if not before.startswith(done) or not after.startswith(before):
-            raise RecordError(f"the tokenizer's chat template breaks the prefix property at turn {index}; "
-                              "pick a layout format (chatml, llama2_chat, vicuna) instead")
-        answer = after[len(before):]
-        cut = answer_end(tokenizer, answer, message["content"])
-        segments.append(Segment(before[len(done):], False, template=True))
-        segments += [Segment(answer[:cut], True, template=True)] if cut else [Segment(answer, True, template=True), EOS]
-        done = before + answer[:cut] if cut else after
-    return segments  # the sample ends with the last answer's end token; what the template adds after it is not trained
-
-
-def render_template(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-
-def answer_end(tokenizer, answer: str, content: str) -> int | None:
-    """Where a rendered answer ends: just after the first special token that follows its content (None: none)."""
-    content_end = answer.find(content.strip()) + len(content.strip())
-    ends = [(answer.find(t, content_end), -len(t), t) for t in tokenizer.all_special_tokens if answer.find(t, content_end) >= 0]
-    if not ends:
-        return None
-    position, _, token = min(ends)
-    return position + len(token)
-
-
-def template_end_token(tokenizer) -> str | None:
-    """The end-of-turn token of the tokenizer's chat template (e.g. <|im_end|>), found by rendering a probe."""
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
-    before, after = render_template(tokenizer, probe[:1], True), render_template(tokenizer, probe, False)
-    answer = after[len(before):]
-    cut = answer_end(tokenizer, answer, probe[1]["content"])
-    if cut is None:
-        return None
-    return next(t for t in tokenizer.all_special_tokens if answer[:cut].endswith(t))
+    return template_segments(tokenizer, conversation_messages(record, tools=True), conversation_tools(record))
 
 
 @register("custom")
@@ -807,9 +729,22 @@ CHAT_TEMPLATES = {
         "{%- endfor -%}"
     ),
     "chatml": (
+        "{%- macro tools_block() -%}{{ '" + TOOLS_PREAMBLE.replace("\n", "\\n") + "' }}"
+        "{%- for tool in tools -%}{{ '\\n' + (tool | tojson) }}{%- endfor -%}"
+        "{{ '" + TOOLS_CLOSING.replace("\n", "\\n") + "' }}{%- endmacro -%}"
+        "{%- set ns = namespace(first=true, content='') -%}"
+        "{%- if tools and messages[0]['role'] != 'system' -%}"
+        "{{ '<|im_start|>__S__system\\n' + tools_block() + '<|im_end|>' }}{%- set ns.first = false -%}{%- endif -%}"
         "{%- for message in messages -%}"
-        "{%- if not loop.first -%}{{ '__S__\\n' }}{%- endif -%}"
-        "{{ '<|im_start|>__S__' + message['role'] + '\\n' + message['content'] + '<|im_end|>' }}"
+        "{%- if not ns.first -%}{{ '__S__\\n' }}{%- endif -%}{%- set ns.first = false -%}"
+        "{%- set ns.content = message['content'] or '' -%}"
+        "{%- if tools and loop.first and message['role'] == 'system' -%}"
+        "{%- set ns.content = ns.content + '\\n\\n' + tools_block() -%}{%- endif -%}"
+        "{%- for call in message['tool_calls'] or [] -%}"
+        "{%- set ns.content = ns.content + ('\\n' if ns.content else '') + '<tool_call>\\n{\"name\": \"' + call['function']['name']"
+        " + '\", \"arguments\": ' + (call['function']['arguments'] | tojson) + '}\\n</tool_call>' -%}"
+        "{%- endfor -%}"
+        "{{ '<|im_start|>__S__' + message['role'] + '\\n' + ns.content + '<|im_end|>' }}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '__S__\\n<|im_start|>__S__assistant\\n' }}{%- endif -%}"
     ),
@@ -860,117 +795,3 @@ LAYOUT_SEGMENTS = {
 def chat_template(layout: str, space_after_special: bool, with_bos: bool) -> str:
     template = CHAT_TEMPLATES[layout].replace("__B__", "bos_token + " if with_bos else "")
     return template.replace("__S__", " " if space_after_special else "")
-
-
-def prompt_segments(segments: list[Segment]) -> list[Segment]:
-    """What an inference prompt is: everything before the last trained segment (the answer to generate)."""
-    last = max(i for i, segment in enumerate(segments) if segment.trainable and segment.special is None)
-    return segments[:last]
-
-
-# --- rendering and encoding: the one place where text becomes ids and labels -----------------------------------------
-
-
-def render_segments(segments: Iterable[Segment], bos: str = "<s>", eos: str = "</s>", mark: bool = True) -> str:
-    """Human-readable rendering; with `mark`, trained text is wrapped in [[...]] (for previews and golden tests)."""
-    parts = []
-    for segment in segments:
-        text = {"bos": bos, "eos": eos}.get(segment.special, segment.special) if segment.special else segment.text
-        parts.append(f"[[{text}]]" if mark and segment.trainable and segment.special is None else text)
-    return "".join(parts)
-
-
-@dataclass
-class Encoded:
-    input_ids: list[int]
-    labels: list[int]
-    boundary_merges: int  # prompt/response boundaries where a token straddled both (counted in stats.json)
-
-
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _encode_text_run(run: list[Segment], tokenizer) -> tuple[list[int], list[int], int]:
-    """Encode adjacent text segments as ONE string, as the model will see them at inference.
-
-    The trained/masked boundary is where the prompt alone stops being a prefix of the whole: encoding the prompt
-    by itself gives exactly the ids inference will feed, so labels start right after them. If a token straddles
-    the boundary, the prefix property breaks; the straddling token is then trained and the merge is counted.
-    """
-    ids: list[int] = []
-    labels: list[int] = []
-    merges = 0
-    text = ""
-    split_special = not any(segment.template for segment in run)  # data text never becomes special tokens
-    for segment in run:
-        text += segment.text
-        current = tokenizer(text, add_special_tokens=False, split_special_tokens=split_special)["input_ids"]
-        keep = _common_prefix_length(ids, current)
-        if keep < len(ids):
-            merges += 1
-        new = current[keep:]
-        labels = labels[:keep] + (list(new) if segment.trainable else [IGNORE_INDEX] * len(new))
-        ids = list(current)
-    return ids, labels, merges
-
-
-def _merge_same_flag(segments: list[Segment]) -> list[Segment]:
-    merged: list[Segment] = []
-    for segment in segments:
-        previous = merged[-1] if merged else None
-        if (previous and segment.special is None and previous.special is None and previous.trainable == segment.trainable
-                and previous.template == segment.template):
-            merged[-1] = Segment(previous.text + segment.text, segment.trainable, template=segment.template)
-        else:
-            merged.append(segment)
-    return merged
-
-
-def special_ids(tokenizer) -> dict[str, int | None]:
-    """BOS is added only where the tokenizer has a BOS distinct from EOS (Llama, Mistral), never for GPT-2 style."""
-    bos = tokenizer.bos_token_id
-    if bos is not None and bos == tokenizer.eos_token_id:
-        bos = None
-    return {"bos": bos, "eos": tokenizer.eos_token_id}
-
-
-def token_id(tokenizer, token: str) -> int:
-    """The single id of a literal special token, or an error saying how to get it into the vocabulary."""
-    ids = tokenizer.convert_tokens_to_ids([token])
-    if not ids or ids[0] is None or (ids[0] == tokenizer.unk_token_id and token != tokenizer.unk_token):
-        raise ValueError(f"the tokenizer has no token {token!r}; train.py adds a format's tokens (resizing the embeddings)")
-    return ids[0]
-
-
-def encode_segments(segments: list[Segment], tokenizer, train_on_source: bool = False) -> Encoded:
-    """Segments -> ids and labels (IGNORE_INDEX where masked). BOS/EOS are ids, never parsed from text."""
-    specials = special_ids(tokenizer) | {"end": None}
-    if specials["eos"] is None:
-        raise ValueError("the tokenizer has no EOS token; pass --eos_token (e.g. --eos_token '</s>')")
-    input_ids: list[int] = []
-    labels: list[int] = []
-    merges = 0
-    run: list[Segment] = []
-    for segment in _merge_same_flag(segments) + [Segment("", False, special="end")]:
-        if segment.special is None:
-            run.append(segment)
-            continue
-        if run:
-            ids, run_labels, run_merges = _encode_text_run(run, tokenizer)
-            input_ids += ids
-            labels += run_labels
-            merges += run_merges
-            run = []
-        token = specials[segment.special] if segment.special in specials else token_id(tokenizer, segment.special)
-        if token is not None:
-            input_ids.append(token)
-            labels.append(token if segment.trainable else IGNORE_INDEX)
-    if train_on_source:
-        labels = list(input_ids)
-    return Encoded(input_ids, labels, merges)

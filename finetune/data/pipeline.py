@@ -33,6 +33,7 @@ from dataset_formats import (
     response,
     special_ids,
 )
+from finetune.data.conversations import tool_counts
 from finetune.data.packing import PackedCollator, pack_sequences, packing_efficiency, padded_length
 
 if TYPE_CHECKING:
@@ -205,6 +206,9 @@ class TokenizeStats:
     trained_tokens: int = 0
     ending_with_trained_end_token: int = 0  # EOS, or the format's end-of-turn token (chatml: <|im_end|>)
     boundary_merges: int = 0
+    records_with_tools: int = 0  # kept samples whose record has tool schemas, tool calls or tool results
+    tool_calls: int = 0
+    tool_results: int = 0
     lengths: list[int] = field(default_factory=list)
 
     def merge(self, other: TokenizeStats) -> None:
@@ -297,6 +301,10 @@ def tokenize_records(records: list[Record], tokenizer, data_args: DataArguments)
         stats.trained_tokens += sum(label != IGNORE_INDEX for label in labels)
         stats.ending_with_trained_end_token += labels[-1] == end_tokens[format_name]
         stats.boundary_merges += merges
+        calls, results = tool_counts(record.data)
+        stats.records_with_tools += bool(calls or results or record.data.get("tools"))
+        stats.tool_calls += calls
+        stats.tool_results += results
         stats.lengths.append(len(ids))
         samples.append({"input_ids": ids, "labels": labels})
     return samples, stats
