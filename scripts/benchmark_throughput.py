@@ -95,12 +95,14 @@ def make_long_tail_data(work: str, model_dir: str, records: int = 4000) -> str:
                 stream += tokenizer(row["instruction"] + " " + row["output"], add_special_tokens=False)["input_ids"]
     rng = random.Random(1)
     rows = []
-    for _ in range(records):
+    while len(rows) < records:
         total = min(int(math.exp(rng.gauss(math.log(130), math.log(1650 / 130) / 2.326))), 3000)
         prompt = max(4, int(total * rng.uniform(0.2, 0.6)))
         start = rng.randrange(0, len(stream) - total - 1)
-        rows.append({"instruction": tokenizer.decode(stream[start:start + prompt]).strip(), "input": "",
-                     "output": tokenizer.decode(stream[start + prompt:start + total]).strip()})
+        row = {"instruction": tokenizer.decode(stream[start:start + prompt]).strip(), "input": "",
+               "output": tokenizer.decode(stream[start + prompt:start + total]).strip()}
+        if row["instruction"] and row["output"]:  # a span of only whitespace tokens decodes to nothing
+            rows.append(row)
     path = os.path.join(work, "long_tail.jsonl")
     with open(path, "w") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in rows)
