@@ -26,6 +26,7 @@ from finetune.data.conversations import (  # noqa: F401
     conversation_messages,
     conversation_tools,
     split_system,
+    think_block,
     with_article,
 )
 from finetune.data.segments import (  # noqa: F401
@@ -34,6 +35,7 @@ from finetune.data.segments import (  # noqa: F401
     IGNORE_INDEX,
     Encoded,
     RecordError,
+    Samples,
     Segment,
     encode_segments,
     prompt,
@@ -208,22 +210,27 @@ def assistant_text(message: dict) -> str:
     return "\n".join(([message["content"]] if message["content"] else []) + calls)
 
 
-def chatml_segments(messages: list[dict], tools: list[dict] | None = None) -> list[Segment]:
+def chatml_segments(messages: list[dict], tools: list[dict] | None = None, roles: tuple[str, ...] = ("assistant",),
+                    train_reasoning: bool = True) -> list[Segment]:
     """<|im_start|>{role}\n{content}<|im_end|>\n per turn; the answer and its <|im_end|> are trained.
 
     <|im_start|>/<|im_end|> are special-token ids (added to the vocabulary when missing), never text. The newline
     after <|im_end|> is part of the next prompt, so generation stops right at <|im_end|>. Tool calls and results:
-    see TOOLS_PREAMBLE above.
+    see TOOLS_PREAMBLE above. A reasoning trace opens the assistant turn as <think>\n{reasoning}\n</think>\n\n
+    (the Qwen3 layout), in every turn. `roles` are trained (content and <|im_end|>) unless a turn's own `train`
+    says otherwise; `train_reasoning` False masks the reasoning.
     """
     segments: list[Segment] = []
     for index, message in enumerate(tools_system(messages, tools)):
+        trained = message.get("train", message["role"] in roles)
         if index:
             segments.append(prompt("\n"))
         segments += [special(IM_START), prompt(f"{message['role']}\n")]
-        if message["role"] == "assistant":
-            segments += [response(assistant_text(message)), special(IM_END, trainable=True)]
-        else:
-            segments += [prompt(message["content"]), special(IM_END)]
+        if message.get("reasoning_content") is not None:
+            think = think_block(message["reasoning_content"])
+            segments.append(Segment(think, trained and train_reasoning, kind="reasoning"))
+        text = assistant_text(message) if message["role"] == "assistant" else message["content"]
+        segments += [Segment(text, trained), special(IM_END, trainable=trained)]
     return segments
 
 
@@ -255,9 +262,14 @@ def llama2_chat(record: dict) -> list[Segment]:
 
 
 @register("chatml", chat_layout="chatml", special_tokens=(IM_START, IM_END), end_token=IM_END)
-def chatml(record: dict) -> list[Segment]:
+def chatml(record: dict, options=None) -> list[Segment]:
     """Any conversation record in ChatML: <|im_start|>role\ncontent<|im_end|>; answers + <|im_end|> trained."""
-    return chatml_segments(conversation_messages(record, tools=True), conversation_tools(record))
+    return chatml_segments(conversation_messages(record, tools=True), conversation_tools(record), *turn_options(options))
+
+
+def turn_options(options) -> tuple[tuple[str, ...], bool]:
+    """(--roles_to_train, --train_on_reasoning) for the formats that take them; defaults without options."""
+    return tuple(getattr(options, "roles_to_train", None) or ("assistant",)), getattr(options, "train_on_reasoning", True)
 
 
 @register("vicuna", chat_layout="vicuna")
@@ -482,7 +494,8 @@ def chat_template_format(record: dict, options=None) -> list[Segment]:
     tokenizer = getattr(options, "tokenizer", None)
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise RecordError("--dataset_format chat_template needs a tokenizer with a chat template")
-    return template_segments(tokenizer, conversation_messages(record, tools=True), conversation_tools(record))
+    return template_segments(tokenizer, conversation_messages(record, tools=True), conversation_tools(record),
+                             *turn_options(options))
 
 
 @register("custom")
@@ -744,6 +757,8 @@ CHAT_TEMPLATES = {
         "{%- set ns.content = ns.content + ('\\n' if ns.content else '') + '<tool_call>\\n{\"name\": \"' + call['function']['name']"
         " + '\", \"arguments\": ' + (call['function']['arguments'] | tojson) + '}\\n</tool_call>' -%}"
         "{%- endfor -%}"
+        "{%- if message['reasoning_content'] is defined and message['reasoning_content'] is not none -%}"
+        "{%- set ns.content = '<think>\\n' + message['reasoning_content'] + '\\n</think>\\n\\n' + ns.content -%}{%- endif -%}"
         "{{ '<|im_start|>__S__' + message['role'] + '\\n' + ns.content + '<|im_end|>' }}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '__S__\\n<|im_start|>__S__assistant\\n' }}{%- endif -%}"

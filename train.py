@@ -195,6 +195,23 @@ class DataArguments:
     train_on_source: bool = field(
         default=False, metadata={"help": "Train on prompt tokens too (default: only responses and their EOS)."}
     )
+    roles_to_train: list[str] = field(
+        default_factory=lambda: ["assistant"],
+        metadata={
+            "help": "chatml and chat_template formats: the roles whose turns are trained (content and end-of-turn "
+            "token), e.g. --roles_to_train assistant tool to train on tool results too. A turn's own `train` / "
+            "`training` / `weight` field (true/false or 0/1) overrides its role's default.",
+            "choices": ["system", "user", "assistant", "tool"],
+        },
+    )
+    train_on_reasoning: bool = field(
+        default=True,
+        metadata={
+            "help": "Train assistant turns' reasoning traces (`reasoning_content`, or <think>...</think> in the "
+            "content). False masks each trace with its closing tag, training only the answer after it (chatml and "
+            "chat_template; other conversation layouts write the reasoning inline into the answer)."
+        },
+    )
     include_sources: bool = field(
         default=False,
         metadata={
@@ -245,6 +262,7 @@ class DataArguments:
         require(self.model_max_len > 0, f"--model_max_len must be > 0 (got {self.model_max_len})")
         require(self.eval_dataset_size >= 0, f"--eval_dataset_size must be >= 0 (got {self.eval_dataset_size})")
         require(self.dataset_processes >= 1, f"--dataset_processes must be >= 1 (got {self.dataset_processes})")
+        require(bool(self.roles_to_train), "--roles_to_train needs at least one role (e.g. assistant)")
 
 
 

@@ -476,8 +476,9 @@ def test_chat_template_format_masks_from_the_tokenizers_own_template(tiny_tokeni
     tokenizer = copy.deepcopy(tiny_tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}, replace_extra_special_tokens=False)
     tokenizer.chat_template = QWEN_STYLE_TEMPLATE
-    segments = get_format("chat_template", SimpleNamespace(tokenizer=tokenizer))(CHAT)
-    encoded = encode_segments(segments, tokenizer)
+    samples = get_format("chat_template", SimpleNamespace(tokenizer=tokenizer))(CHAT)
+    assert len(samples) == 1 and samples.strategy == "prefix"
+    encoded = encode_segments(samples[0], tokenizer)
     # the whole conversation is exactly what the template tokenizes to, up to the last answer's end token
     full = tokenizer.apply_chat_template([
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
@@ -496,15 +497,16 @@ def test_chat_template_format_masks_from_the_tokenizers_own_template(tiny_tokeni
     assert encoded.input_ids[: data.answer_starts(encoded.labels)[0]] == prompt_ids
 
 
-def test_chat_template_format_rejects_a_template_without_the_prefix_property(tiny_tokenizer):
+def test_a_template_that_forgets_the_history_trains_each_turn_as_it_prompts_at_inference(tiny_tokenizer):
     import copy
     from types import SimpleNamespace
 
     tokenizer = copy.deepcopy(tiny_tokenizer)
-    # renders only the LAST message: earlier turns vanish when a turn is added
+    # renders only the LAST message: earlier turns vanish when a turn is added (no end token: EOS is appended)
     tokenizer.chat_template = "{{ messages[-1]['content'] }}{% if add_generation_prompt %}>{% endif %}"
-    with pytest.raises(RecordError, match="prefix property"):
-        get_format("chat_template", SimpleNamespace(tokenizer=tokenizer))(CHAT)
+    samples = get_format("chat_template", SimpleNamespace(tokenizer=tokenizer))(CHAT)
+    assert samples.strategy == "per_turn"
+    assert [render_segments(sample) for sample in samples] == ["Hi>[[Hello]]</s>", "Bye>[[Ciao]]</s>"]
 
 
 def test_custom_format_from_flags():

@@ -100,7 +100,9 @@ def test_qwen25_template_masks_tool_results_and_trains_each_call_with_its_end_to
     tokenizer = im_tokenizer(tiny_tokenizer)
     tokenizer.chat_template = QWEN25_TEMPLATE
     options = SimpleNamespace(tokenizer=tokenizer)
-    encoded = encode_segments(get_format("chat_template", options)(OPENAI_RECORD), tokenizer)
+    samples = get_format("chat_template", options)(OPENAI_RECORD)
+    assert len(samples) == 1 and samples.strategy == "prefix"  # Qwen2.5 renders history as it rendered each turn
+    encoded = encode_segments(samples[0], tokenizer)
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
     assert trained_spans(tokenizer, encoded) == [call + "<|im_end|>", "It is 21 C in Paris.<|im_end|>"]
     # the ids are the template's own render (Qwen2.5 puts the tool result in a user turn, masked)
@@ -111,7 +113,7 @@ def test_qwen25_template_masks_tool_results_and_trains_each_call_with_its_end_to
     full = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     assert encoded.input_ids == full[: len(encoded.input_ids)] and tokenizer.decode(full[len(encoded.input_ids):]) == "\n"
     # the ShareGPT layout of the same conversation gives the same sample
-    again = encode_segments(get_format("chat_template", options)(SHAREGPT_RECORD | {"tools": OPENAI_RECORD["tools"]}), tokenizer)
+    again = encode_segments(get_format("chat_template", options)(SHAREGPT_RECORD | {"tools": OPENAI_RECORD["tools"]})[0], tokenizer)
     assert again.input_ids == encoded.input_ids and again.labels == encoded.labels
 
 

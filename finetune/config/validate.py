@@ -84,8 +84,24 @@ def validate(model_args: ModelArguments, data_args: DataArguments, args: Trainin
             "--report_to wandb: no WANDB_API_KEY and no `wandb login`; set WANDB_API_KEY, or WANDB_MODE=offline "
             "to log locally, or drop --report_to wandb"
         )
+    check_turn_options(data_args)
     if data_args.expand_conversations:
         logger.info("--expand_conversations: every assistant turn is trained already, one sample per conversation")
+
+
+def check_turn_options(data_args) -> None:
+    """--roles_to_train and --train_on_reasoning false act on turns; only chatml and chat_template render turns
+    on their own (the other conversation layouts train every assistant turn, reasoning inline)."""
+    from dataset_formats import FORMAT_INFO
+
+    turn_formats = ("chatml", "chat_template")
+    others = [name for name in data_args.dataset_format
+              if FORMAT_INFO[name].chat_layout and name not in turn_formats]
+    for flag, changed in (("--roles_to_train", list(data_args.roles_to_train) != ["assistant"]),
+                          ("--train_on_reasoning false", not data_args.train_on_reasoning)):
+        if changed and others:
+            raise UsageError(f"{flag} applies to --dataset_format chatml and chat_template, not to "
+                             f"{', '.join(sorted(set(others)))}; switch those datasets to one of them or drop the flag")
 
 
 def check_merge_arguments(model_args: ModelArguments, args: TrainingArguments) -> None:

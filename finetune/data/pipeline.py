@@ -25,6 +25,7 @@ from dataset_formats import (
     IGNORE_INDEX,
     LAYOUT_SEGMENTS,
     RecordError,
+    Samples,
     chat_template,
     encode_segments,
     end_token_id,
@@ -33,8 +34,9 @@ from dataset_formats import (
     response,
     special_ids,
 )
-from finetune.data.conversations import tool_counts
+from finetune.data.conversations import reasoning_count, tool_counts
 from finetune.data.packing import PackedCollator, pack_sequences, packing_efficiency, padded_length
+from finetune.data.template_masks import template_traits
 
 if TYPE_CHECKING:
     from train import DataArguments
@@ -42,7 +44,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".tsv")
-PREPARED_VERSION = 1  # bump when the tokenization or the prepared layout changes, so old caches are not reused
+PREPARED_VERSION = 2  # bump when the tokenization or the prepared layout changes, so old caches are not reused
 
 
 class DataError(ValueError):
@@ -209,12 +211,20 @@ class TokenizeStats:
     records_with_tools: int = 0  # kept samples whose record has tool schemas, tool calls or tool results
     tool_calls: int = 0
     tool_results: int = 0
+    records_with_reasoning: int = 0  # records with at least one non-empty reasoning trace
+    reasoning_traces: int = 0
+    records_kept: int = 0  # records that gave at least one sample (samples_kept counts samples)
+    split_records: int = 0  # records rendered as several samples (chat templates that render past turns differently)
+    template_strategies: dict = field(default_factory=dict)  # chat_template: records per strategy (template_masks.py)
     lengths: list[int] = field(default_factory=list)
 
     def merge(self, other: TokenizeStats) -> None:
         for name, value in vars(other).items():
             if name == "bad_record_examples":
                 self.bad_record_examples = (self.bad_record_examples + value)[:5]
+            elif name == "template_strategies":
+                for key, count in value.items():
+                    self.template_strategies[key] = self.template_strategies.get(key, 0) + count
             else:
                 setattr(self, name, getattr(self, name) + value)
 
@@ -226,6 +236,7 @@ class TokenizeStats:
 
         out = {k: v for k, v in self.__dict__.items() if k != "lengths"}
         out["trained_token_fraction"] = round(self.trained_tokens / self.tokens, 4) if self.tokens else 0.0
+        out["samples_per_record"] = round(self.samples_kept / self.records_kept, 3) if self.records_kept else 0.0
         out["length_percentiles"] = {f"p{int(p * 100)}": percentile(p) for p in (0.5, 0.9, 0.99)} | {
             "max": lengths[-1] if lengths else 0
         }
@@ -273,7 +284,7 @@ def tokenize_records(records: list[Record], tokenizer, data_args: DataArguments)
     for record in records:
         format_name = record.format
         try:
-            ids, labels, merges = encode_record(record.data, format_name, tokenizer, data_args, options)
+            encoded, strategy = encode_record(record.data, format_name, tokenizer, data_args, options)
         except RecordError as error:
             message = f"{record.where}: {error} (--dataset_format {format_name})"
             if not data_args.skip_bad_records:
@@ -282,32 +293,48 @@ def tokenize_records(records: list[Record], tokenizer, data_args: DataArguments)
             if len(stats.bad_record_examples) < 5:
                 stats.bad_record_examples.append(message)
             continue
-        if len(ids) > data_args.model_max_len:
-            if data_args.excess_length == "raise":
-                raise DataError(
-                    f"{record.where}: {len(ids)} tokens, more than --model_max_len {data_args.model_max_len}; "
-                    "raise --model_max_len, or pass --excess_length drop (or truncate)"
-                )
-            if data_args.excess_length == "drop":
-                stats.dropped_too_long += 1
-                continue
-            ids, labels = truncate_keeping_cue(ids, labels, data_args.model_max_len)
-            stats.truncated += 1
-        if all(label == IGNORE_INDEX for label in labels):
-            stats.no_trained_tokens += 1
+        kept = [sample for ids, labels, merges in encoded
+                if (sample := keep_sample(ids, labels, merges, record, data_args, stats, end_tokens[format_name]))]
+        if not kept:
             continue
-        stats.samples_kept += 1
-        stats.tokens += len(ids)
-        stats.trained_tokens += sum(label != IGNORE_INDEX for label in labels)
-        stats.ending_with_trained_end_token += labels[-1] == end_tokens[format_name]
-        stats.boundary_merges += merges
+        samples += kept
+        stats.records_kept += 1
+        stats.split_records += len(encoded) > 1
+        if strategy:
+            stats.template_strategies[strategy] = stats.template_strategies.get(strategy, 0) + 1
         calls, results = tool_counts(record.data)
         stats.records_with_tools += bool(calls or results or record.data.get("tools"))
         stats.tool_calls += calls
         stats.tool_results += results
-        stats.lengths.append(len(ids))
-        samples.append({"input_ids": ids, "labels": labels})
+        traces = reasoning_count(record.data)
+        stats.records_with_reasoning += bool(traces)
+        stats.reasoning_traces += traces
     return samples, stats
+
+
+def keep_sample(ids, labels, merges, record: Record, data_args: DataArguments, stats: TokenizeStats, end_token: int):
+    """A sample as kept for training (length rule of --excess_length applied, counted), or None when dropped."""
+    if len(ids) > data_args.model_max_len:
+        if data_args.excess_length == "raise":
+            raise DataError(
+                f"{record.where}: {len(ids)} tokens, more than --model_max_len {data_args.model_max_len}; "
+                "raise --model_max_len, or pass --excess_length drop (or truncate)"
+            )
+        if data_args.excess_length == "drop":
+            stats.dropped_too_long += 1
+            return None
+        ids, labels = truncate_keeping_cue(ids, labels, data_args.model_max_len)
+        stats.truncated += 1
+    if all(label == IGNORE_INDEX for label in labels):
+        stats.no_trained_tokens += 1
+        return None
+    stats.samples_kept += 1
+    stats.tokens += len(ids)
+    stats.trained_tokens += sum(label != IGNORE_INDEX for label in labels)
+    stats.ending_with_trained_end_token += labels[-1] == end_token
+    stats.boundary_merges += merges
+    stats.lengths.append(len(ids))
+    return {"input_ids": ids, "labels": labels}
 
 
 def truncate_keeping_cue(ids: list[int], labels: list[int], max_len: int) -> tuple[list[int], list[int]]:
@@ -328,8 +355,9 @@ CUSTOM_FIELDS = ("format", "no_input_format", "system_format", "system_prompt", 
 
 def format_options(data_args: DataArguments, tokenizer) -> SimpleNamespace:
     """What configurable formats may read: completion's text field, the custom format's templates, the tokenizer
-    (chat_template renders with it)."""
+    (chat_template renders with it), the roles trained and whether reasoning is (chatml, chat_template)."""
     return SimpleNamespace(dataset_text_field=data_args.dataset_text_field, tokenizer=tokenizer,
+                           roles_to_train=tuple(data_args.roles_to_train), train_on_reasoning=data_args.train_on_reasoning,
                            **custom_settings(data_args))
 
 
@@ -338,16 +366,18 @@ def custom_settings(data_args: DataArguments) -> dict:
     return {f"custom_{name}": getattr(data_args, f"custom_{name}") for name in CUSTOM_FIELDS}
 
 
-def encode_record(record: dict, format_name: str, tokenizer, data_args: DataArguments, options) -> tuple[list[int], list[int], int]:
-    """One record -> (input_ids, labels, boundary merges): the format's segments through the one encoder."""
+def encode_record(record: dict, format_name: str, tokenizer, data_args: DataArguments, options):
+    """One record -> ([(input_ids, labels, boundary merges), ...], strategy): the format's segments through the one
+    encoder; one sample per record except where a format returns several (Samples, with how it split them)."""
     if format_name == "pretokenized":
         ids, labels = pretokenized_sample(record, len(tokenizer))
-        return ids, list(ids) if data_args.train_on_source else labels, 0
-    segments = get_format(format_name, options)(record)
+        return [(ids, list(ids) if data_args.train_on_source else labels, 0)], ""
+    rendered = get_format(format_name, options)(record)
     if data_args.include_sources and format_name == "airoboros" and record.get("source"):
-        segments = with_source(segments, str(record["source"]))
-    encoded = encode_segments(segments, tokenizer, train_on_source=data_args.train_on_source)
-    return encoded.input_ids, encoded.labels, encoded.boundary_merges
+        rendered = with_source(rendered, str(record["source"]))
+    samples = rendered if isinstance(rendered, Samples) else [rendered]
+    encoded = [encode_segments(segments, tokenizer, train_on_source=data_args.train_on_source) for segments in samples]
+    return [(e.input_ids, e.labels, e.boundary_merges) for e in encoded], getattr(rendered, "strategy", "")
 
 
 def with_source(segments, source: str):
@@ -433,6 +463,8 @@ def fingerprint(data_args: DataArguments, tokenizer, seed: int) -> str:
         "excess_length": data_args.excess_length,
         "skip_bad_records": data_args.skip_bad_records,
         "train_on_source": data_args.train_on_source,
+        "roles_to_train": list(data_args.roles_to_train),
+        "train_on_reasoning": data_args.train_on_reasoning,
         "include_sources": data_args.include_sources,
         "dataset_text_field": data_args.dataset_text_field,
         "sample_packing": [data_args.sample_packing, data_args.eval_sample_packing],
@@ -470,6 +502,8 @@ def prepare_datasets(data_args: DataArguments, tokenizer, seed: int, cache: str 
     for dataset, format_name in zip(data_args.dataset, formats):
         records += [Record(r.data, r.where, format_name) for r in read_records(dataset)]
     train_records, eval_records = split_records(records, data_args.eval_dataset_size, seed)
+    if "chat_template" in formats and getattr(tokenizer, "chat_template", None):
+        logger.info("the tokenizer's chat template: %s", template_traits(tokenizer).describe())
     processes = data_args.dataset_processes
     train_samples, train_stats = tokenize_in_processes(train_records, tokenizer, data_args, processes)
     eval_samples, eval_stats = tokenize_in_processes(eval_records, tokenizer, data_args, processes)
@@ -544,6 +578,13 @@ def log_stats(stats: dict) -> None:
         if s.get("packed"):
             logger.info("%s data packed into %d rows of %d tokens: packing efficiency %.2f%% (real tokens / slots)",
                         split, s["rows"], stats["model_max_len"], 100 * s["packing_efficiency"])
+        if s["records_with_tools"] or s["records_with_reasoning"] or s["split_records"]:
+            logger.info(
+                "%s data: %d records with tools (%d calls, %d results), %d with reasoning (%d traces); %d records "
+                "rendered as several samples (%.2f samples per record); chat template strategies %s", split,
+                s["records_with_tools"], s["tool_calls"], s["tool_results"], s["records_with_reasoning"],
+                s["reasoning_traces"], s["split_records"], s["samples_per_record"], s["template_strategies"] or "-",
+            )
         for example in s["bad_record_examples"]:
             logger.warning("skipped bad record: %s", example)
         if s["boundary_merges"]:

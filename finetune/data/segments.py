@@ -22,6 +22,17 @@ class Segment:
     trainable: bool
     special: str | None = None
     template: bool = False  # text rendered by a chat template: special tokens written in it are parsed as tokens
+    kind: str = ""  # "reasoning" for a reasoning trace (shown apart in previews); "" for everything else
+
+
+class Samples(list):
+    """What a format returns when one record becomes several samples (each a list of segments), e.g. one per
+    assistant turn for chat templates that render past turns differently from the current one; `strategy` says
+    how the record was rendered (counted in stats.json)."""
+
+    def __init__(self, samples: list[list[Segment]], strategy: str):
+        super().__init__(samples)
+        self.strategy = strategy
 
 
 def prompt(text: str) -> Segment:
@@ -54,11 +65,14 @@ def prompt_segments(segments: list[Segment]) -> list[Segment]:
 
 
 def render_segments(segments: Iterable[Segment], bos: str = "<s>", eos: str = "</s>", mark: bool = True) -> str:
-    """Human-readable rendering; with `mark`, trained text is wrapped in [[...]] (for previews and golden tests)."""
+    """Human-readable rendering; with `mark`, trained text is wrapped in [[...]], a trained reasoning trace in
+    {{...}} (for previews and golden tests)."""
     parts = []
     for segment in segments:
         text = {"bos": bos, "eos": eos}.get(segment.special, segment.special) if segment.special else segment.text
-        parts.append(f"[[{text}]]" if mark and segment.trainable and segment.special is None else text)
+        if mark and segment.trainable and segment.special is None and text:
+            text = f"{{{{{text}}}}}" if segment.kind == "reasoning" else f"[[{text}]]"
+        parts.append(text)
     return "".join(parts)
 
 
@@ -108,7 +122,8 @@ def _merge_same_flag(segments: list[Segment]) -> list[Segment]:
         previous = merged[-1] if merged else None
         if (previous and segment.special is None and previous.special is None and previous.trainable == segment.trainable
                 and previous.template == segment.template):
-            merged[-1] = Segment(previous.text + segment.text, segment.trainable, template=segment.template)
+            merged[-1] = Segment(previous.text + segment.text, segment.trainable, template=segment.template,
+                                 kind=segment.kind if segment.kind == previous.kind else "")
         else:
             merged.append(segment)
     return merged
