@@ -396,6 +396,10 @@ TEMPLATE_PROBES = [
         {"role": "user", "content": "And 3 + 3?\nThink."},
         {"role": "assistant", "content": "6, since 3 + 3 = 6."},
     ],
+    [  # a reasoning trace (only chatml renders it; the other layouts see it inline in the content of their data)
+        {"role": "user", "content": "Is 7 prime?"},
+        {"role": "assistant", "content": "Yes.", "reasoning_content": "7 has no divisor but 1 and 7."},
+    ],
 ]
 
 

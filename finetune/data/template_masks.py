@@ -53,7 +53,7 @@ class TemplateTraits:
         return f"{reasoning}; {end}"
 
 
-_TRAITS: dict[str, TemplateTraits] = {}
+_TRAITS: dict[tuple, TemplateTraits] = {}
 REASONING_PROBE = [
     {"role": "user", "content": "First question?"},
     {"role": "assistant", "content": "First answer.", "reasoning_content": "Earlier reasoning zq."},
@@ -63,10 +63,11 @@ REASONING_PROBE = [
 
 
 def template_traits(tokenizer) -> TemplateTraits:
-    template = tokenizer.chat_template
-    if template not in _TRAITS:
-        _TRAITS[template] = probe_traits(tokenizer)
-    return _TRAITS[template]
+    """The template's traits, probed once per template and set of special tokens (the end token is one of them)."""
+    key = (tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token, tuple(tokenizer.all_special_tokens))
+    if key not in _TRAITS:
+        _TRAITS[key] = probe_traits(tokenizer)
+    return _TRAITS[key]
 
 
 CALL_PROBE = [
