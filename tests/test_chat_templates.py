@@ -306,3 +306,37 @@ def test_bad_reasoning_records_name_the_line_and_are_counted_when_skipped(tmp_pa
     assert summary["records_with_reasoning"] == 2 and summary["reasoning_traces"] == 4
     assert summary["template_strategies"] == {"per_turn": 1, "prefix": 1}
     assert summary["records_with_tools"] == 1 and summary["tool_calls"] == 1 and summary["tool_results"] == 1
+
+
+def test_the_preview_shows_trained_reasoning_and_tool_calls_apart_from_the_answer(tiny_tokenizer):
+    qwen3 = model_tokenizer(tiny_tokenizer, "qwen3")
+    encoded = encode_segments(samples_of(qwen3, TOOLS)[0], qwen3)
+    text = data.preview({"input_ids": encoded.input_ids, "labels": encoded.labels}, qwen3)
+    assert ("<|im_start|>assistant\n{{<think>\nNeed the tool.\n</think>}}[[\n\n]]<<<tool_call>\n"
+            '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>>>[[<|im_end|>]]\n<|im_start|>user\n'
+            "<tool_response>") in text
+    assert text.endswith("{{<think>\nReport it.\n</think>}}[[\n\nIt is 21 C.<|im_end|>]]")
+    deepseek = model_tokenizer(tiny_tokenizer, "deepseek-r1-distill-qwen")
+    encoded = encode_segments(samples_of(deepseek, REASONING)[0], deepseek)
+    text = data.preview({"input_ids": encoded.input_ids, "labels": encoded.labels}, deepseek)
+    assert text.endswith("<｜Assistant｜><think>\n{{Two plus two is four.\n</think>}}[[\n\n4<｜end▁of▁sentence｜>]]")
+
+
+def test_preparing_a_reasoning_dataset_logs_the_templates_traits_and_the_saved_stop_tokens_include_its_end(
+        tmp_path, tiny_tokenizer, caplog):
+    import train
+    from finetune.training.stages import generation_config
+
+    qwen3 = model_tokenizer(tiny_tokenizer, "qwen3")
+    path = write_jsonl(tmp_path / "reasoning.jsonl", [REASONING, TOOLS] * 3)
+    args = train.DataArguments(dataset=[path], dataset_format=["chat_template"], dataset_prepared_path=str(tmp_path / "prep"))
+    with caplog.at_level(logging.INFO, logger="finetune.data.pipeline"):
+        prepared, _, stats = data.prepare_datasets(args, qwen3, seed=1, cache=args.dataset_prepared_path, write=True)
+    assert "reasoning passed as 'reasoning_content', dropped from past turns" in caplog.text
+    assert "end-of-turn token '<|im_end|>'" in caplog.text
+    assert "6 with reasoning (12 traces); 3 records rendered as several samples (1.50 samples per record)" in caplog.text
+    with open(tmp_path / "prep" / "stats.json") as handle:
+        saved = json.load(handle)["train"]
+    assert saved["template_strategies"] == {"per_turn": 3, "prefix": 3} and len(prepared) == saved["samples_kept"] == 9
+    stop = generation_config(train.GenerationArguments(), qwen3, ["chat_template"]).eos_token_id
+    assert qwen3.convert_tokens_to_ids("<|im_end|>") in stop and qwen3.eos_token_id in stop

@@ -598,16 +598,32 @@ def log_stats(stats: dict) -> None:
             )
 
 
+PREVIEW_SPANS = (("<think>", "</think>", "{{", "}}"), ("<tool_call>", "</tool_call>", "<<", ">>"))
+
+
 def preview(sample: dict, tokenizer) -> str:
-    """One tokenized sample with the trained spans in [[...]]: what the model is actually taught."""
-    out, trained = [], False
-    for token, label in zip(sample["input_ids"], sample["labels"]):
-        now = label != IGNORE_INDEX
-        if now != trained:
-            out.append("[[" if now else "]]")
-            trained = now
-        out.append(tokenizer.decode([token]))
-    return "".join(out) + ("]]" if trained else "")
+    """One tokenized sample as the model is taught it: trained tokens in [[...]], trained reasoning (<think>...
+    </think>, also when the prompt opened it) in {{...}}, trained tool calls (<tool_call>...</tool_call>) in
+    <<...>>; masked text as it is."""
+    pieces = [tokenizer.decode([token]) for token in sample["input_ids"]]
+    text = "".join(pieces)
+    trained = [label != IGNORE_INDEX for piece, label in zip(pieces, sample["labels"]) for _ in piece]
+    kind = [("[[", "]]")] * len(text)
+    for opening, closing, left, right in PREVIEW_SPANS:
+        start = text.find(opening)
+        while start >= 0:
+            end = text.find(closing, start)
+            end = len(text) if end < 0 else end + len(closing)
+            kind[start:end] = [(left, right)] * (end - start)
+            start = text.find(opening, end)
+    out, mode = [], None
+    for char, is_trained, marks in zip(text, trained, kind):
+        now = marks if is_trained else None
+        if now != mode:
+            out.append((mode[1] if mode else "") + (now[0] if now else ""))
+            mode = now
+        out.append(char)
+    return "".join(out) + (mode[1] if mode else "")
 
 
 # --- batching ------------------------------------------------------------------------------------------------------------
