@@ -223,7 +223,8 @@ class DataArguments:
         default=False,
         metadata={
             "help": "Kept for compatibility with the airoboros scripts: every assistant turn of a conversation is "
-            "always trained (one sample per conversation), so this changes nothing."
+            "always trained (one sample per conversation, or one per turn where the model's chat template renders "
+            "past turns differently), so this changes nothing."
         },
     )
     dataset_prepared_path: Optional[str] = field(

@@ -86,7 +86,7 @@ def validate(model_args: ModelArguments, data_args: DataArguments, args: Trainin
         )
     check_turn_options(data_args)
     if data_args.expand_conversations:
-        logger.info("--expand_conversations: every assistant turn is trained already, one sample per conversation")
+        logger.info("--expand_conversations: every assistant turn is trained already; nothing to expand")
 
 
 def check_turn_options(data_args) -> None:
