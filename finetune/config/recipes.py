@@ -3,13 +3,15 @@ as the parser's defaults, so flags given after the file win (as TRL's scripts do
 
 Keys are flag names without `--`. Also accepted: `datasets: [{path, format | type}, ...]` (several datasets with
 their formats), `custom_format: {format, no_input_format, field_instruction, ...}` (the --custom_* flags) and the
-legacy flag names, mapped like on the command line. An unknown key is an error naming the closest flag."""
+legacy flag names, mapped like on the command line. An unknown key is an error naming the closest flag. An axolotl
+config (its keys: base_model, micro_batch_size, ...) is translated first (finetune/config/axolotl.py)."""
 
 from __future__ import annotations
 
 import json
 import os
 
+from finetune.config import axolotl
 from finetune.config.flags import LEGACY_FLAGS, closest_flag_hint, legacy_value
 from finetune.errors import UsageError
 
@@ -38,7 +40,10 @@ def load_recipe(path: str, parser) -> dict:
     """The recipe's keys as parser defaults: {dest: value}, list flags as lists, legacy names mapped."""
     actions = {action.dest: action for action in parser._actions}
     defaults: dict = {}
-    for key, value in read_mapping(path).items():
+    recipe = read_mapping(path)
+    if axolotl.is_axolotl(recipe):
+        recipe = axolotl.translate(path, recipe, {dest for dest, action in actions.items() if action.option_strings})
+    for key, value in recipe.items():
         name = str(key).lstrip("-")
         if value is None:
             continue
@@ -59,6 +64,10 @@ def load_recipe(path: str, parser) -> dict:
     return defaults
 
 
+# TrainingArguments fields typed `str` on the command line that take a list from a file (documented `str` or `list[str]`)
+TRAINER_LIST_VALUES = {"report_to", "fsdp"}
+
+
 def checked(path: str, name: str, value, actions: dict) -> dict:
     """{name: value} for a known flag (a scalar becomes a one-item list for list flags); else the closest match."""
     action = actions.get(name)
@@ -66,6 +75,8 @@ def checked(path: str, name: str, value, actions: dict) -> dict:
         known = sorted({s for a in actions.values() for s in a.option_strings if s.startswith("--")})
         raise UsageError(f"recipe file {path}: unknown key '{name}' (unknown flag --{name}"
                          f"{closest_flag_hint('--' + name, known)})")
+    if isinstance(value, list) and action.nargs not in ("+", "*") and name not in TRAINER_LIST_VALUES:
+        raise UsageError(f"recipe file {path}: key '{name}' takes one value, got a list ({(action.help or '').split('.')[0]})")
     if action.nargs in ("+", "*") and not isinstance(value, list):
         value = [value]
     if action.nargs in ("+", "*"):

@@ -1,0 +1,246 @@
+"""axolotl configs run as they are: `python train.py my-axolotl.yml [--flag overrides]`.
+
+A recipe file with axolotl's keys (base_model, micro_batch_size, sequence_len, adapter, ...) is translated here,
+once, into this trainer's flag names; recipes.py then checks those like any recipe's keys, and flags on the command
+line still win. Keys with a null or empty value mean "default", as in axolotl. A key axolotl has and this trainer
+does not implement stops the run up front (exit 2) naming every such key; an unknown key names the closest one.
+Each translation that is not a plain rename is logged once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+
+from finetune.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+# axolotl key -> our flag, value unchanged (legacy names such as gradient_checkpointing are mapped by recipes.py)
+RENAMED = {
+    "base_model": "model_name_or_path", "tokenizer_config": "tokenizer_name_or_path", "sequence_len": "model_max_len",
+    "micro_batch_size": "per_device_train_batch_size", "eval_batch_size": "per_device_eval_batch_size",
+    "num_epochs": "num_train_epochs", "optimizer": "optim", "lr_scheduler": "lr_scheduler_type",
+    "val_set_size": "eval_dataset_size", "train_on_inputs": "train_on_source", "lora_target_modules": "lora_modules",
+    "wandb_name": "run_name",
+}
+SAME = {
+    "lora_r", "lora_alpha", "lora_dropout", "sample_packing", "eval_sample_packing", "gradient_accumulation_steps",
+    "max_steps", "learning_rate", "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "adam_beta1",
+    "adam_beta2", "adam_epsilon", "fp16", "tf32", "gradient_checkpointing", "logging_steps", "eval_steps",
+    "save_steps", "save_total_limit", "output_dir", "dataset_prepared_path", "dataset_processes", "group_by_length",
+    "resume_from_checkpoint", "loss_watchdog_threshold", "loss_watchdog_patience", "neftune_noise_alpha", "deepspeed",
+    "fsdp", "fsdp_config", "seed", "hub_model_id", "torch_compile",
+}
+# read by the translation of other keys, or settings that need nothing here (logged)
+CONSUMED = {"load_in_4bit", "load_in_8bit", "adapter", "lora_target_linear", "bf16", "flash_attention",
+            "sdp_attention", "pad_to_sequence_len", "cosine_min_lr_ratio", "evals_per_epoch", "saves_per_epoch",
+            "special_tokens", "chat_template", "datasets", "shuffle_merged_datasets", "overrides_of_model_config"}
+NO_OP = {
+    "model_type": "models load with AutoModelForCausalLM", "tokenizer_type": "tokenizers load with AutoTokenizer",
+    "base_model_config": "the model's config is read from base_model", "strict": "every key is checked anyway",
+}
+WANDB_ENV = {"wandb_project": "WANDB_PROJECT", "wandb_entity": "WANDB_ENTITY", "wandb_run_id": "WANDB_RUN_ID",
+             "wandb_watch": "WANDB_WATCH", "wandb_log_model": "WANDB_LOG_MODEL"}
+NOT_IMPLEMENTED = {
+    "lora_model_dir": "starting from a saved adapter",
+    "lora_modules_to_save": "training embed_tokens / lm_head in full beside LoRA",
+    "tokens": "adding tokens to the vocabulary",
+    "chat_template_jinja": "a chat template given in the config",
+    "default_system_message": "a default system prompt for chat records",
+    "early_stopping_patience": "early stopping",
+    "dataset_exact_deduplication": "exact deduplication",
+    "test_datasets": "separate eval datasets (use val_set_size)",
+}
+# axolotl dataset types -> our format names (registered names such as context_qa.load_v2 are taken as they are)
+DATASET_TYPES = {"input_output": "input-output", "alpaca_chat.load_qa": "alpaca_chat.load_qa"}
+CHAT_TEMPLATES = {"tokenizer_default": "chat_template", "chatml": "chatml", "llama2": "llama2_chat"}
+MARKERS = {"base_model", "micro_batch_size", "sequence_len", "num_epochs", "adapter", "lora_target_linear",
+           "load_in_4bit", "load_in_8bit", "val_set_size", "lr_scheduler", "optimizer", "special_tokens"}
+
+
+def is_axolotl(config: dict) -> bool:
+    return any(key in config for key in MARKERS)
+
+
+def empty(value) -> bool:
+    return value is None or value == "" or value == [] or value == {}
+
+
+def translate(path: str, config: dict, known_flags: set[str]) -> dict:
+    """axolotl keys -> {our flag: value}; refuses unimplemented and unknown keys, all of them at once."""
+    given = {key: value for key, value in config.items() if not empty(value)}
+    refused = [f"{key} ({NOT_IMPLEMENTED[key]})" for key in given if key in NOT_IMPLEMENTED]
+    known = set(RENAMED) | SAME | CONSUMED | set(NO_OP) | set(WANDB_ENV) | set(NOT_IMPLEMENTED)
+    unknown = [key for key in config if key not in known and key not in known_flags]
+    if unknown:
+        hints = [f"{key}{closest(key, sorted(known | known_flags))}" for key in unknown]
+        raise UsageError(f"axolotl config {path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}")
+    out: dict = {key: value for key, value in given.items() if key in known_flags and key not in known}
+    for key, value in given.items():
+        if key == "lora_target_modules":
+            out["lora_modules"] = ",".join(value) if isinstance(value, list) else str(value)
+        elif key in RENAMED:
+            out[RENAMED[key]] = value
+        elif key in SAME:
+            out[key] = value
+        elif key in NO_OP:
+            logger.info("axolotl key %s: nothing to do (%s)", key, NO_OP[key])
+    out.update(adapter_flags(given))
+    out.update(precision_flags(given))
+    out.update(schedule_flags(given))
+    out.update(token_flags(path, given))
+    datasets, dataset_refusals = dataset_flags(path, given)
+    refused += dataset_refusals
+    if refused:
+        raise UsageError(f"axolotl config {path}: these keys are not implemented here, so the run would not do what "
+                         f"they ask: {'; '.join(refused)}. Remove them (or set them to null) to run without them")
+    out.update(datasets)
+    wandb = {WANDB_ENV[key]: str(value) for key, value in given.items() if key in WANDB_ENV}
+    if wandb:
+        for name, value in wandb.items():
+            os.environ.setdefault(name, value)
+        out.setdefault("report_to", "wandb")
+        logger.info("axolotl wandb_* keys -> environment %s and --report_to wandb", ", ".join(sorted(wandb)))
+    return out
+
+
+def closest(key: str, candidates: list[str]) -> str:
+    match = difflib.get_close_matches(key, candidates, n=1)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def adapter_flags(config: dict) -> dict:
+    adapter = config.get("adapter")
+    bits = 4 if config.get("load_in_4bit") else 8 if config.get("load_in_8bit") else 16
+    if adapter is None:
+        if bits != 16:
+            raise UsageError(f"axolotl load_in_{bits}bit without an adapter: a full fine-tune needs 16 or 32 bits; "
+                             "add adapter: lora or qlora, or drop load_in_*")
+        logger.info("axolotl: no adapter -> --full_finetune --bits 16")
+        return {"full_finetune": True, "bits": 16}
+    if adapter not in ("lora", "qlora"):
+        raise UsageError(f"axolotl adapter: {adapter}: only lora and qlora are implemented")
+    out: dict = {"bits": 4 if adapter == "qlora" else bits}
+    if adapter == "qlora":
+        out.update(quant_type="nf4", double_quant=True)
+    if config.get("lora_target_linear"):
+        out["lora_modules"] = "all"
+    logger.info("axolotl adapter: %s -> --bits %d%s", adapter, out["bits"],
+                " --lora_modules all" if "lora_modules" in out else "")
+    return out
+
+
+def precision_flags(config: dict) -> dict:
+    out: dict = {}
+    bf16 = config.get("bf16")
+    if bf16 == "auto":
+        import torch
+
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        logger.info("axolotl bf16: auto -> --bf16 %s (%s)", bf16, "supported here" if bf16 else "no bf16 GPU here")
+    if bf16 is not None:
+        out["bf16"] = bool(bf16)
+    if config.get("flash_attention"):
+        out["attn_implementation"] = "flash_attention_2"
+    elif config.get("sdp_attention"):
+        out["attn_implementation"] = "sdpa"
+    rope = (config.get("overrides_of_model_config") or {}).get("rope_scaling")
+    if rope:
+        out.update(rope_scaling_type=rope.get("rope_type", rope.get("type")), rope_scaling_factor=rope.get("factor"))
+    return out
+
+
+def schedule_flags(config: dict) -> dict:
+    """Per-epoch counts become fractions of the run (transformers takes eval/save steps < 1 as a ratio)."""
+    out: dict = {}
+    epochs = float(config.get("num_epochs") or 1)
+    for key, flag, strategy in (("evals_per_epoch", "eval_steps", "eval_strategy"),
+                                ("saves_per_epoch", "save_steps", "save_strategy")):
+        if config.get(key) and not config.get(flag) and not config.get("max_steps"):
+            out[flag] = 1.0 / (float(config[key]) * epochs)
+            out[strategy] = "steps"
+            if key == "evals_per_epoch" and not config.get("val_set_size"):
+                del out[flag], out[strategy]  # no eval split: nothing to evaluate
+    if config.get("eval_steps") and config.get("val_set_size"):
+        out["eval_strategy"] = "steps"
+    ratio = config.get("cosine_min_lr_ratio")
+    if ratio is not None:
+        out.update(lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": float(ratio)})
+    if config.get("pad_to_sequence_len") and config.get("sequence_len"):
+        out["pad_to_multiple_of"] = int(config["sequence_len"])  # batches are never longer: padded to exactly it
+    return out
+
+
+def token_flags(path: str, config: dict) -> dict:
+    tokens = config.get("special_tokens") or {}
+    if not isinstance(tokens, dict):
+        raise UsageError(f"axolotl config {path}: special_tokens must be a mapping (pad_token: ..., eos_token: ...)")
+    allowed = ("pad_token", "bos_token", "eos_token", "unk_token")
+    other = [key for key in tokens if key not in allowed]
+    if other:
+        raise UsageError(f"axolotl config {path}: special_tokens {', '.join(other)}: only {', '.join(allowed)} are implemented")
+    return {key: str(value) for key, value in tokens.items() if not empty(value)}
+
+
+def dataset_flags(path: str, config: dict) -> tuple[dict, list[str]]:
+    """`datasets:` -> --dataset / --dataset_format (+ --custom_* for a user-defined type, --roles_to_train)."""
+    from dataset_formats import FORMATS
+
+    entries = config.get("datasets") or []
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and e.get("path") for e in entries):
+        raise UsageError(f"axolotl config {path}: datasets must be a list of mappings with a path")
+    template = config.get("chat_template") or "tokenizer_default"
+    refused, paths, formats, out = [], [], [], {}
+    for number, entry in enumerate(entries):
+        spot = f"datasets[{number}]"
+        kind = entry.get("type", "alpaca")
+        for key in ("data_files", "split", "name", "train_on_split"):
+            if not empty(entry.get(key)) and not (key == "split" and entry[key] == "train"):
+                refused.append(f"{spot}.{key} (loading a subset of a dataset)")
+        if isinstance(kind, dict):  # a user-defined instruction format
+            custom = {f"custom_{key}": value for key, value in kind.items() if not empty(value)}
+            unknown = [key for key in custom if key.removeprefix("custom_") not in (
+                "field_instruction", "field_input", "field_output", "field_system", "format", "no_input_format",
+                "system_format", "system_prompt")]
+            if unknown:
+                refused.append(f"{spot}.type.{unknown[0].removeprefix('custom_')} (user-defined type key)")
+            out.update(custom)
+            kind = "custom"
+        elif kind == "chat_template":
+            if template not in CHAT_TEMPLATES:
+                refused.append(f"chat_template: {template} (a named template; use tokenizer_default for the model's "
+                               "own, or chatml)")
+            kind = CHAT_TEMPLATES.get(template, "chat_template")
+            refused += chat_dataset_refusals(spot, entry)
+            if entry.get("roles_to_train"):
+                out["roles_to_train"] = list(entry["roles_to_train"])
+        else:
+            kind = DATASET_TYPES.get(kind, kind)
+            if kind not in FORMATS:
+                refused.append(f"{spot}.type: {entry.get('type')} (no such format here; known: see --help)")
+        paths.append(str(entry["path"]))
+        formats.append(kind)
+    if paths:
+        out.update(dataset=paths, dataset_format=formats)
+    return out, refused
+
+
+def chat_dataset_refusals(spot: str, entry: dict) -> list[str]:
+    from finetune.data.conversations import CONVERSATION_FIELDS, ROLE_ALIASES
+
+    refused = []
+    field = entry.get("field_messages")
+    if field and field not in CONVERSATION_FIELDS:
+        refused.append(f"{spot}.field_messages: {field} (read from {', '.join(CONVERSATION_FIELDS)})")
+    mappings = entry.get("message_property_mappings") or {}
+    if any(key != value and not (key == "role" and value == "from") and not (key == "content" and value == "value")
+           for key, value in mappings.items()):
+        refused.append(f"{spot}.message_property_mappings (other field names than role/content or from/value)")
+    for role, names in (entry.get("roles") or {}).items():
+        if any(ROLE_ALIASES.get(name) != ROLE_ALIASES.get(role, role) for name in names or []):
+            refused.append(f"{spot}.roles.{role} (role names beyond the built-in aliases)")
+    if entry.get("train_on_eos") not in (None, "turn", "all"):
+        refused.append(f"{spot}.train_on_eos: {entry['train_on_eos']} (every trained turn's end token is trained)")
+    return refused

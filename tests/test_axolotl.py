@@ -1,0 +1,116 @@
+"""axolotl configs run as they are (issue 11, first part): real example configs from axolotl's examples/
+(tests/axolotl_configs, unchanged; only the model and data paths pointed at local files here) are translated into
+this trainer's flags, every mapped key takes effect, keys we do not implement and unknown keys stop the run naming
+them, and one config trains end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+from conftest import ROOT, run, train_py, write_jsonl
+
+import train
+
+CONFIGS = os.path.join(ROOT, "tests", "axolotl_configs")
+
+
+def alpaca_rows(n: int) -> list[dict]:
+    return [{"instruction": f"Say the number {i}.", "input": "", "output": f"The number is {i}."} for i in range(n)]
+
+
+def localized(tmp_path, name: str, model: str, data: str, **changes) -> str:
+    """The example config with base_model, dataset paths and output_dir pointed at local ones (and `changes`)."""
+    with open(os.path.join(CONFIGS, f"{name}.yml"), encoding="utf-8") as handle:
+        config = yaml.safe_load(handle)
+    config.update(base_model=model, output_dir=str(tmp_path / "out"))
+    for entry in config["datasets"]:
+        entry["path"] = data
+    config.update(changes)
+    path = tmp_path / f"{name}.yml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.fixture
+def alpaca_file(tmp_path):
+    return write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows(16))
+
+
+def test_axolotls_qlora_example_maps_every_key_onto_our_flags(tmp_path, alpaca_file):
+    model_args, data_args, args, _ = train.parse_arguments([localized(tmp_path, "qlora-1b", "some/model", alpaca_file)])
+    assert model_args.model_name_or_path == "some/model" and model_args.pad_token == "<|end_of_text|>"
+    assert (args.bits, args.quant_type, args.double_quant, args.full_finetune) == (4, "nf4", True, False)
+    assert args.lora_modules == "gate_proj,down_proj,up_proj,q_proj,v_proj,k_proj,o_proj"
+    assert (args.lora_r, args.lora_alpha, args.lora_dropout) == (32, 16, 0.05)
+    assert data_args.dataset == [alpaca_file] and data_args.dataset_format == ["alpaca"]
+    assert (data_args.model_max_len, data_args.sample_packing, data_args.eval_sample_packing) == (2048, True, True)
+    assert data_args.pad_to_multiple_of == 2048 and data_args.eval_dataset_size == 0.1  # pad_to_sequence_len
+    assert data_args.dataset_prepared_path == "last_run_prepared"
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_train_epochs) == (2, 4, 1)
+    assert str(args.optim.value) == "adamw_bnb_8bit" and str(args.lr_scheduler_type.value) == "cosine"
+    assert (args.learning_rate, args.warmup_steps, args.weight_decay, args.logging_steps) == (0.0002, 10, 0.0, 1)
+    assert args.eval_steps == 0.25 and str(args.eval_strategy.value) == "steps"  # evals_per_epoch 4 of 1 epoch
+    assert args.save_steps == 1.0 and str(args.save_strategy.value) == "steps"  # saves_per_epoch 1
+    assert (args.loss_watchdog_threshold, args.loss_watchdog_patience) == (5.0, 3)
+    assert args.activation_checkpointing and not args.tf32 and not args.bf16  # bf16: auto, and no bf16 GPU here
+    assert model_args.attn_implementation == "sdpa"  # flash_attention: true, resolved for a machine without CUDA
+
+
+def test_axolotls_chat_template_example_needs_a_template_we_have_and_maps_the_rest(tmp_path):
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "Hi"},
+                                                               {"role": "assistant", "content": "Hello"}]}])
+    with pytest.raises(train.UsageError, match=r"chat_template: llama3 \(a named template; use tokenizer_default"):
+        train.parse_arguments([localized(tmp_path, "instruct-lora-8b", "m", data)])
+    config = localized(tmp_path, "instruct-lora-8b", "m", data, chat_template="tokenizer_default")
+    _, data_args, args, _ = train.parse_arguments([config, "--learning_rate", "1e-5"])  # the command line wins
+    assert data_args.dataset_format == ["chat_template"] and (args.bits, args.lora_modules) == (8, "all")
+    assert args.learning_rate == 1e-5 and args.eval_steps == 1 / 16  # evals_per_epoch 4 over num_epochs 4
+    chatml = localized(tmp_path, "instruct-lora-8b", "m", data, chat_template="chatml")
+    assert train.parse_arguments([chatml])[1].dataset_format == ["chatml"]
+
+
+def test_keys_we_do_not_implement_stop_the_run_naming_every_one_and_unknown_keys_name_the_closest(tmp_path, alpaca_file):
+    config = localized(tmp_path, "qlora-1b", "m", alpaca_file, lora_model_dir="prev/adapter", tokens=["<x>"],
+                       early_stopping_patience=3)
+    with pytest.raises(train.UsageError) as error:
+        train.parse_arguments([config])
+    for key in ("lora_model_dir (starting from a saved adapter)", "tokens (adding tokens", "early_stopping_patience"):
+        assert key in str(error.value)
+    result = run(train_py(config), cwd=str(tmp_path))  # as a user sees it: exit 2, before anything is written
+    assert result.returncode == 2 and "lora_model_dir" in result.output and "Traceback" not in result.output
+    assert not os.path.exists(tmp_path / "out")
+    typo = localized(tmp_path, "qlora-1b", "m", alpaca_file, micro_batch_sise=4)
+    with pytest.raises(train.UsageError, match=r"unknown key micro_batch_sise \(did you mean micro_batch_size\?\)"):
+        train.parse_arguments([typo])
+
+
+def test_wandb_keys_go_to_the_environment_and_turn_on_wandb_reporting(tmp_path, alpaca_file, monkeypatch):
+    for name in ("WANDB_PROJECT", "WANDB_ENTITY"):
+        monkeypatch.setenv(name, "")  # recorded, so that the test's own settings are undone afterwards
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    config = localized(tmp_path, "qlora-1b", "m", alpaca_file, wandb_project="proj", wandb_entity="team",
+                       wandb_name="first-run")
+    _, _, args, _ = train.parse_arguments([config])
+    assert os.environ["WANDB_PROJECT"] == "proj" and os.environ["WANDB_ENTITY"] == "team"
+    assert "wandb" in args.report_to and args.run_name == "first-run"
+
+
+def test_an_axolotl_qlora_config_trains_end_to_end(tmp_path, tiny_model, alpaca_file):
+    config = localized(tmp_path, "qlora-1b", tiny_model, alpaca_file, sequence_len=128, max_steps=2,
+                       evals_per_epoch=None, saves_per_epoch=None, val_set_size=0, micro_batch_size=2,
+                       gradient_accumulation_steps=1, optimizer="adamw_torch", special_tokens=None,
+                       dataset_prepared_path=str(tmp_path / "prepared"))
+    result = run(train_py(config, "--working_dir", str(tmp_path / "work")), cwd=str(tmp_path))
+    assert result.returncode == 0, result.output[-3000:]
+    assert "axolotl adapter: qlora -> --bits 4" in result.output
+    with open(tmp_path / "out" / "adapter_config.json") as handle:
+        adapter = json.load(handle)
+    assert sorted(adapter["target_modules"]) == sorted(["gate_proj", "down_proj", "up_proj", "q_proj", "v_proj",
+                                                         "k_proj", "o_proj"])
+    assert adapter["r"] == 32 and adapter["lora_alpha"] == 16
+    with open(tmp_path / "prepared" / "stats.json") as handle:
+        assert json.load(handle)["model_max_len"] == 128
