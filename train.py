@@ -29,7 +29,7 @@ import transformers
 from dataset_formats import FORMATS
 from finetune.checks import preflight
 from finetune.checks.model_config import check_model_before_writing
-from finetune.config import cli
+from finetune.config import cli, environment
 from finetune.config.schema import check_choices
 from finetune.config.validate import validate
 from finetune.data.pipeline import DataError
@@ -334,6 +334,12 @@ class TrainingArguments(transformers.TrainingArguments):
             "finetune/training/planning.py) — and a `plan-json:` line, then exit 0."
         },
     )
+    print_config: bool = field(
+        default=False,
+        metadata={"help": "Print the settings this command resolves to — the recipe's or axolotl config's keys "
+                  "translated to our flag names, then the flags given — as a recipe file (YAML) that runs the same, "
+                  "and exit 0. Values differing from the defaults only; credentials never printed."},
+    )
     dry_run_world_size: Optional[int] = field(
         default=None,
         metadata={"help": "With --dry_run in a single process: plan for this many processes (None: the launcher's "
@@ -408,7 +414,14 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     report_to: Union[None, str, list[str]] = field(
         default="none",
-        metadata={"help": "Loggers: none, wandb, tensorboard, ... (wandb needs WANDB_API_KEY or WANDB_MODE=offline)."},
+        metadata={"help": "Loggers: none, wandb, tensorboard, ... (checked up front: installed, and wandb needs "
+                  "WANDB_API_KEY or WANDB_MODE=offline). wandb's files go under --working_dir unless WANDB_DIR is set; "
+                  "tensorboard's under <working_dir>/runs."},
+    )
+    env_file: Optional[str] = field(
+        default=None,
+        metadata={"help": "KEY=VALUE lines (WANDB_API_KEY, HF_TOKEN, WANDB_PROJECT, ...) put into the environment "
+                  "before anything runs; names already set in the environment win. None: ./.env when present."},
     )
     do_train: bool = field(default=True, metadata={"help": "Train (default). --do_train False with --do_eval only evaluates."})
     include_num_input_tokens_seen: str = field(
@@ -552,8 +565,12 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Tra
 def run(argv: list[str]) -> int:
     model_args, data_args, args, gen_args = parse_arguments(argv)
     preflight.protect_secrets(args)
+    if args.print_config:
+        print(cli.settings_text((model_args, data_args, args, gen_args), ARGUMENT_CLASSES), end="")
+        return 0
     config = check_model_before_writing(model_args, args, data_args.model_max_len)  # on a meta model, before writes
     paths = RunPaths.from_args(args, data_args)
+    environment.place_wandb_files(args.report_to, paths.working)
     if args.dry_run:
         return stages.dry_run(config, model_args, data_args, args, paths)
     stages.prepare_directories(args, paths)

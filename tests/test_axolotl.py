@@ -99,18 +99,93 @@ def test_wandb_keys_go_to_the_environment_and_turn_on_wandb_reporting(tmp_path, 
     assert "wandb" in args.report_to and args.run_name == "first-run"
 
 
-def test_an_axolotl_qlora_config_trains_end_to_end(tmp_path, tiny_model, alpaca_file):
+SECRETS = {"wandb_api_key": "planted-wandb-key-0123456789abcdef", "hf_token": "hf_plantedTokenForTheTest42"}
+
+
+def test_a_runpod_job_with_axolotls_qlora_example_trains_and_its_credentials_appear_nowhere(tmp_path, tiny_model,
+                                                                                            alpaca_file):
+    """The RunPod worker's job layout around a real axolotl example; wandb (offline) and tensorboard both report."""
     config = localized(tmp_path, "qlora-1b", tiny_model, alpaca_file, sequence_len=128, max_steps=2,
                        evals_per_epoch=None, saves_per_epoch=None, val_set_size=0, micro_batch_size=2,
                        gradient_accumulation_steps=1, optimizer="adamw_torch", special_tokens=None,
-                       dataset_prepared_path=str(tmp_path / "prepared"))
-    result = run(train_py(config, "--working_dir", str(tmp_path / "work")), cwd=str(tmp_path))
+                       dataset_prepared_path=str(tmp_path / "prepared"), wandb_project="runpod-test",
+                       report_to=["wandb", "tensorboard"], output_dir=None)
+    with open(config) as handle:
+        args = yaml.safe_load(handle)
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"input": {"user_id": "u1", "model_id": "tiny", "run_id": "run-7",
+                                         "credentials": SECRETS, "args": args}}))
+    result = run(train_py(str(job)), cwd=str(tmp_path), WANDB_DIR="")
     assert result.returncode == 0, result.output[-3000:]
     assert "axolotl adapter: qlora -> --bits 4" in result.output
-    with open(tmp_path / "out" / "adapter_config.json") as handle:
+    assert "credentials set in the environment: WANDB_API_KEY, HF_TOKEN" in result.output
+    final = tmp_path / "outputs" / "run-7"  # the job's run_id names the output dir and the run
+    with open(final / "adapter_config.json") as handle:
         adapter = json.load(handle)
     assert sorted(adapter["target_modules"]) == sorted(["gate_proj", "down_proj", "up_proj", "q_proj", "v_proj",
                                                          "k_proj", "o_proj"])
     assert adapter["r"] == 32 and adapter["lora_alpha"] == 16
     with open(tmp_path / "prepared" / "stats.json") as handle:
         assert json.load(handle)["model_max_len"] == 128
+    assert not (tmp_path / "wandb").exists() and list(final.glob("wandb/offline-run-*"))  # under the run's dir
+    assert list(final.glob("runs/*/events.out.tfevents.*"))  # tensorboard's events
+    for secret in SECRETS.values():
+        assert secret not in result.output
+        for path in tmp_path.rglob("*"):
+            if path.is_file() and path != job:
+                assert secret.encode() not in path.read_bytes(), path
+
+
+def test_print_config_shows_the_translation_as_a_recipe_that_reads_back_the_same(tmp_path, alpaca_file, capsys):
+    config = localized(tmp_path, "qlora-1b", "some/model", alpaca_file)
+    assert train.main([config, "--print_config", "--lora_r", "8"]) == 0
+    printed = capsys.readouterr().out
+    settings = {}
+    for part in yaml.safe_load_all(printed.replace("\n# ", "\n---\n# ")):
+        settings.update(part or {})
+    assert settings["model_name_or_path"] == "some/model" and settings["lora_r"] == 8  # the command line wins
+    assert settings["lora_modules"] == "gate_proj,down_proj,up_proj,q_proj,v_proj,k_proj,o_proj"
+    assert settings["optim"] == "adamw_bnb_8bit" and settings["eval_steps"] == 0.25
+    assert "gradient_checkpointing" not in settings and settings["activation_checkpointing"] is True  # current names
+    assert "use_cpu" not in settings  # resolved by each machine, not part of the recipe
+    recipe = tmp_path / "printed.yaml"
+    recipe.write_text(printed)
+    assert train.main([str(recipe), "--print_config"]) == 0
+    assert capsys.readouterr().out == printed
+
+
+def test_a_runpod_job_file_is_checked_like_a_config(tmp_path, alpaca_file, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "from-the-environment")
+    args = yaml.safe_load(open(localized(tmp_path, "qlora-1b", "m", alpaca_file)))
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"input": {"run_id": "r", "credentials": {"hf_token": "", "wandb_key": "x"}, "args": args}}))
+    with pytest.raises(train.UsageError, match=r"input.credentials.wandb_key is not one this trainer uses"):
+        train.parse_arguments([str(job)])
+    job.write_text(json.dumps({"input": {"run_id": "r", "credentials": {"hf_token": ""}, "args": args}}))
+    _, _, training, _ = train.parse_arguments([str(job)])
+    assert training.run_name == "r" and os.environ["HF_TOKEN"] == "from-the-environment"  # empty counts as absent
+    job.write_text(json.dumps({"input": {"run_ID": "r", "args": args}}))
+    with pytest.raises(train.UsageError, match=r"unknown key input.run_ID"):
+        train.parse_arguments([str(job)])
+
+
+def test_env_file_fills_what_the_environment_lacks(tmp_path, alpaca_file, monkeypatch):
+    from finetune.config import environment
+
+    monkeypatch.setenv("FT_TEST_KEPT", "from-the-environment")
+    for name in ("FT_TEST_NEW", "FT_TEST_QUOTED", "FT_TEST_DEFAULT"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    env_file = tmp_path / "secrets.env"
+    env_file.write_text("# credentials\nexport FT_TEST_NEW=abc # a comment\nFT_TEST_QUOTED=\"a b#c\"\n"
+                        "FT_TEST_KEPT=from-the-file\n")
+    environment.load_env_file(str(env_file))
+    assert (os.environ["FT_TEST_NEW"], os.environ["FT_TEST_QUOTED"]) == ("abc", "a b#c")
+    assert os.environ["FT_TEST_KEPT"] == "from-the-environment"
+    env_file.write_text("FT_TEST_NEW=1\nnot a setting\n")
+    with pytest.raises(train.UsageError, match=r"secrets.env:2: expected KEY=VALUE"):
+        environment.load_env_file(str(env_file))
+    monkeypatch.chdir(tmp_path)  # ./.env is read when present, with no flag
+    (tmp_path / ".env").write_text("FT_TEST_DEFAULT=yes\n")
+    train.parse_arguments(["--model_name_or_path", "m", "--dataset", alpaca_file, "--output_dir", str(tmp_path / "o")])
+    assert os.environ["FT_TEST_DEFAULT"] == "yes"

@@ -4,6 +4,7 @@ kernel, and secrets kept out of what gets saved."""
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import sys
@@ -32,6 +33,31 @@ def check_writable_directory(flag: str, path: Optional[str]) -> None:
             pass
     except OSError as error:
         raise UsageError(f"{flag} {path}: cannot write in {existing} ({error.strerror}); pick a writable path") from error
+
+
+def check_reporting(report_to) -> None:
+    """Every --report_to value names an integration that is installed (transformers would fail mid-setup)."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    available = get_available_reporting_integrations()
+    for name in report_to or []:
+        if name in ("none", "all"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            close = difflib.get_close_matches(name, list(INTEGRATION_TO_CALLBACK), n=1)
+            raise UsageError(f"--report_to {name}: not a logger transformers knows"
+                             f"{f' (did you mean {close[0]}?)' if close else ''}; known: "
+                             f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}, or none")
+        if name not in available:
+            package = {"tensorboard": "tensorboard", "comet_ml": "comet_ml", "azure_ml": "azureml-core"}.get(name, name)
+            raise UsageError(f"--report_to {name}: its package is not installed here; pip install {package}, or "
+                             "drop it from --report_to")
+    if "wandb" in (report_to or []) and not wandb_is_configured():
+        raise UsageError(
+            "--report_to wandb: no WANDB_API_KEY and no `wandb login`; set WANDB_API_KEY (or put it in .env), or "
+            "WANDB_MODE=offline to log locally, or drop --report_to wandb"
+        )
 
 
 def wandb_is_configured() -> bool:

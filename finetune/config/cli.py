@@ -10,7 +10,7 @@ from typing import Optional
 
 from transformers import HfArgumentParser
 
-from finetune.config import recipes
+from finetune.config import environment, recipes
 from finetune.config.flags import LEGACY_FLAGS, closest_flag_hint, known_flags, legacy_value
 from finetune.errors import UsageError
 
@@ -42,6 +42,7 @@ def parse_arguments(argv: list[str], classes: tuple, description: str = "") -> t
         raise UsageError(str(error).strip().splitlines()[0]) from error
     if remaining:
         reject_unknown(parser, remaining)
+    environment.load_env_file(next(o.env_file for o in parsed if hasattr(o, "env_file")))
     return tuple(parsed)
 
 
@@ -99,3 +100,42 @@ def reject_unknown(parser: HfArgumentParser, remaining: list[str]) -> None:
             flag = token.split("=")[0]
             raise UsageError(f"unknown flag {flag}{closest_flag_hint(flag, known)}")
     raise UsageError(f"unexpected argument {remaining[0]!r} (a value without a flag?)")
+
+
+SECRET_FIELDS = ("hub_token",)
+
+
+def settings_text(objects: tuple, classes: tuple) -> str:
+    """--print_config: the values that differ from what the same machine resolves with no recipe and no flags, one
+    `flag: value` line each (YAML: a recipe file this trainer reads), by argument class. Derived values a machine
+    resolves by itself (use_cpu, ...) are equal on both sides, so they stay out and the file runs the same elsewhere."""
+    import dataclasses
+    import enum
+
+    import yaml
+
+    def plain(value):
+        if isinstance(value, enum.Enum):
+            return value.value
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if dataclasses.is_dataclass(value):
+            return plain(dataclasses.asdict(value))
+        return value
+
+    baseline = parse_arguments([], classes)
+    legacy = {flag.lstrip("-") for flag in LEGACY_FLAGS}
+    lines = []
+    for obj, plain_obj in zip(objects, baseline):
+        settings = {}
+        for item in dataclasses.fields(obj):
+            if not item.init or item.name in SECRET_FIELDS or item.name in legacy or item.name == "print_config":
+                continue
+            value = plain(getattr(obj, item.name))
+            if value != plain(getattr(plain_obj, item.name)):
+                settings[item.name] = value
+        if settings:
+            lines.append(f"# {type(obj).__name__}\n" + yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))
+    return "\n".join(lines)

@@ -4,14 +4,15 @@ as the parser's defaults, so flags given after the file win (as TRL's scripts do
 Keys are flag names without `--`. Also accepted: `datasets: [{path, format | type}, ...]` (several datasets with
 their formats), `custom_format: {format, no_input_format, field_instruction, ...}` (the --custom_* flags) and the
 legacy flag names, mapped like on the command line. An unknown key is an error naming the closest flag. An axolotl
-config (its keys: base_model, micro_batch_size, ...) is translated first (finetune/config/axolotl.py)."""
+config (its keys: base_model, micro_batch_size, ...) is translated first (finetune/config/axolotl.py), and a RunPod
+worker job file is read as its args (finetune/config/environment.py)."""
 
 from __future__ import annotations
 
 import json
 import os
 
-from finetune.config import axolotl
+from finetune.config import axolotl, environment
 from finetune.config.flags import LEGACY_FLAGS, closest_flag_hint, legacy_value
 from finetune.errors import UsageError
 
@@ -41,6 +42,8 @@ def load_recipe(path: str, parser) -> dict:
     actions = {action.dest: action for action in parser._actions}
     defaults: dict = {}
     recipe = read_mapping(path)
+    if environment.is_runpod_job(recipe):
+        recipe = environment.runpod_job_args(path, recipe)
     if axolotl.is_axolotl(recipe):
         recipe = axolotl.translate(path, recipe, {dest for dest, action in actions.items() if action.option_strings})
     for key, value in recipe.items():

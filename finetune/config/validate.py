@@ -79,11 +79,7 @@ def validate(model_args: ModelArguments, data_args: DataArguments, args: Trainin
     if args.dry_run_world_size is not None and not args.dry_run:
         raise UsageError(f"--dry_run_world_size {args.dry_run_world_size}: needs --dry_run and a count >= 1")
     check_output_arguments(args)
-    if "wandb" in (args.report_to or []) and not preflight.wandb_is_configured():
-        raise UsageError(
-            "--report_to wandb: no WANDB_API_KEY and no `wandb login`; set WANDB_API_KEY, or WANDB_MODE=offline "
-            "to log locally, or drop --report_to wandb"
-        )
+    preflight.check_reporting(args.report_to)
     check_turn_options(data_args)
     if data_args.expand_conversations:
         logger.info("--expand_conversations: every assistant turn is trained already; nothing to expand")
