@@ -138,6 +138,19 @@ class DataArguments:
             "choices": sorted(FORMATS),
         },
     )
+    dataset_weights: Optional[list[float]] = field(
+        default=None,
+        metadata={
+            "help": "One weight per --dataset, in the same order (a recipe's `datasets:` entries may carry `weight:`): "
+            "< 1 trains that fraction of the dataset's training records, > 1 repeats them (2.5: every record twice "
+            "plus a fresh half). Drawn by --data_seed; the eval split is taken before weighting. None: all 1."
+        },
+    )
+    dataset_exact_deduplication: bool = field(
+        default=False,
+        metadata={"help": "Drop records identical (same fields and values, same format) to an earlier one, within "
+                  "and across datasets, before the eval split; counted per dataset in stats.json."},
+    )
     eval_dataset_size: float = field(
         default=0.0,
         metadata={
@@ -264,6 +277,8 @@ class DataArguments:
         require(self.eval_dataset_size >= 0, f"--eval_dataset_size must be >= 0 (got {self.eval_dataset_size})")
         require(self.dataset_processes >= 1, f"--dataset_processes must be >= 1 (got {self.dataset_processes})")
         require(bool(self.roles_to_train), "--roles_to_train needs at least one role (e.g. assistant)")
+        require(all(weight > 0 for weight in self.dataset_weights or []),
+                f"--dataset_weights {self.dataset_weights}: every weight must be > 0 (leave a dataset out instead of 0)")
 
 
 

@@ -40,7 +40,8 @@ def alpaca_file(tmp_path):
 
 
 def test_axolotls_qlora_example_maps_every_key_onto_our_flags(tmp_path, alpaca_file):
-    model_args, data_args, args, _ = train.parse_arguments([localized(tmp_path, "qlora-1b", "some/model", alpaca_file)])
+    config = localized(tmp_path, "qlora-1b", "some/model", alpaca_file, dataset_exact_deduplication=True)
+    model_args, data_args, args, _ = train.parse_arguments([config])
     assert model_args.model_name_or_path == "some/model" and model_args.pad_token == "<|end_of_text|>"
     assert (args.bits, args.quant_type, args.double_quant, args.full_finetune) == (4, "nf4", True, False)
     assert args.lora_modules == "gate_proj,down_proj,up_proj,q_proj,v_proj,k_proj,o_proj"
@@ -48,7 +49,7 @@ def test_axolotls_qlora_example_maps_every_key_onto_our_flags(tmp_path, alpaca_f
     assert data_args.dataset == [alpaca_file] and data_args.dataset_format == ["alpaca"]
     assert (data_args.model_max_len, data_args.sample_packing, data_args.eval_sample_packing) == (2048, True, True)
     assert data_args.pad_to_multiple_of == 2048 and data_args.eval_dataset_size == 0.1  # pad_to_sequence_len
-    assert data_args.dataset_prepared_path == "last_run_prepared"
+    assert data_args.dataset_prepared_path == "last_run_prepared" and data_args.dataset_exact_deduplication
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_train_epochs) == (2, 4, 1)
     assert str(args.optim.value) == "adamw_bnb_8bit" and str(args.lr_scheduler_type.value) == "cosine"
     assert (args.learning_rate, args.warmup_steps, args.weight_decay, args.logging_steps) == (0.0002, 10, 0.0, 1)

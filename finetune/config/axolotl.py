@@ -31,7 +31,7 @@ SAME = {
     "adam_beta2", "adam_epsilon", "fp16", "tf32", "gradient_checkpointing", "logging_steps", "eval_steps",
     "save_steps", "save_total_limit", "output_dir", "dataset_prepared_path", "dataset_processes", "group_by_length",
     "resume_from_checkpoint", "loss_watchdog_threshold", "loss_watchdog_patience", "neftune_noise_alpha", "deepspeed",
-    "fsdp", "fsdp_config", "seed", "hub_model_id", "torch_compile",
+    "fsdp", "fsdp_config", "seed", "hub_model_id", "torch_compile", "dataset_exact_deduplication",
 }
 # read by the translation of other keys, or settings that need nothing here (logged)
 CONSUMED = {"load_in_4bit", "load_in_8bit", "adapter", "lora_target_linear", "bf16", "flash_attention",
@@ -50,7 +50,6 @@ NOT_IMPLEMENTED = {
     "chat_template_jinja": "a chat template given in the config",
     "default_system_message": "a default system prompt for chat records",
     "early_stopping_patience": "early stopping",
-    "dataset_exact_deduplication": "exact deduplication",
     "test_datasets": "separate eval datasets (use val_set_size)",
 }
 # axolotl dataset types -> our format names (registered names such as context_qa.load_v2 are taken as they are)

@@ -16,7 +16,7 @@ from finetune.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-LIST_FLAGS = ("--dataset", "--dataset_format")
+LIST_FLAGS = ("--dataset", "--dataset_format", "--dataset_weights")
 
 
 def build_parser(classes: tuple, description: str) -> HfArgumentParser:

@@ -51,8 +51,7 @@ def load_recipe(path: str, parser) -> dict:
         if value is None:
             continue
         if name == "datasets":  # axolotl style: [{path, format | type}, ...]
-            paths, formats = recipe_datasets(path, value)
-            defaults["dataset"], defaults["dataset_format"] = paths, formats
+            defaults.update(recipe_datasets(path, value))
             continue
         if name == "custom_format" and isinstance(value, dict):  # {format, no_input_format, field_instruction, ...}
             for item, setting in value.items():
@@ -87,8 +86,20 @@ def checked(path: str, name: str, value, actions: dict) -> dict:
     return {name: value}
 
 
-def recipe_datasets(path: str, entries) -> tuple[list[str], list[str]]:
+DATASET_ENTRY_KEYS = ("path", "format", "type", "weight")
+
+
+def recipe_datasets(path: str, entries) -> dict:
+    """`datasets: [{path, format | type, weight}, ...]` -> --dataset, --dataset_format (and --dataset_weights)."""
     if not isinstance(entries, list) or not all(isinstance(e, dict) and "path" in e for e in entries):
         raise UsageError(f"recipe file {path}: 'datasets' must be a list of mappings with 'path' (and 'format')")
-    return ([str(entry["path"]) for entry in entries],
-            [str(entry.get("format", entry.get("type", "airoboros"))) for entry in entries])
+    for number, entry in enumerate(entries):
+        for key in entry:
+            if key not in DATASET_ENTRY_KEYS:
+                raise UsageError(f"recipe file {path}: datasets[{number}].{key} is not a dataset key"
+                                 f"{axolotl.closest(str(key), list(DATASET_ENTRY_KEYS))}; known: {', '.join(DATASET_ENTRY_KEYS)}")
+    out = {"dataset": [str(entry["path"]) for entry in entries],
+           "dataset_format": [str(entry.get("format", entry.get("type", "airoboros"))) for entry in entries]}
+    if any("weight" in entry for entry in entries):
+        out["dataset_weights"] = [float(entry.get("weight", 1.0)) for entry in entries]
+    return out

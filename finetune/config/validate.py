@@ -36,6 +36,9 @@ def validate(model_args: ModelArguments, data_args: DataArguments, args: Trainin
             f"{len(data_args.dataset)} datasets but {len(data_args.dataset_format)} formats; give one --dataset_format "
             "for all, or one per --dataset in the same order"
         )
+    if data_args.dataset_weights is not None and len(data_args.dataset_weights) != len(data_args.dataset or []):
+        raise UsageError(f"{len(data_args.dataset or [])} datasets but {len(data_args.dataset_weights)} "
+                         "--dataset_weights; give one weight per --dataset, in the same order")
     if args.full_finetune and args.bits not in (16, 32):
         raise UsageError(
             f"--full_finetune needs --bits 16 or 32 (got {args.bits}); drop --bits or drop --full_finetune"

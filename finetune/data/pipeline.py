@@ -34,6 +34,7 @@ from dataset_formats import (
     response,
     special_ids,
 )
+from finetune.data import mixing
 from finetune.data.conversations import reasoning_count, tool_counts
 from finetune.data.packing import PackedCollator, pack_sequences, packing_efficiency, padded_length
 from finetune.data.template_masks import template_traits
@@ -56,6 +57,8 @@ class Record:
     data: dict
     where: str  # "file.jsonl:17" or "file.json[16]": used in every error about this record
     format: str = ""  # the --dataset_format of the dataset it came from
+    source: int = 0  # the index of its --dataset
+    repeat: int = 1  # times its samples are trained (--dataset_weights; finetune/data/mixing.py)
 
 
 # --- reading -----------------------------------------------------------------------------------------------------------
@@ -277,7 +280,7 @@ def _tokenize_chunk(chunk: list[Record]):
 def tokenize_records(records: list[Record], tokenizer, data_args: DataArguments) -> tuple[list[dict], TokenizeStats]:
     """Render every record with its dataset's format and tokenize it once; drop, truncate or refuse those longer
     than --model_max_len (counted)."""
-    stats = TokenizeStats(samples_read=len(records))
+    stats = TokenizeStats(samples_read=sum(record.repeat for record in records))
     options = format_options(data_args, tokenizer)
     end_tokens = {name: end_token_id(name, tokenizer) for name in {record.format for record in records}}
     samples = []
@@ -293,22 +296,23 @@ def tokenize_records(records: list[Record], tokenizer, data_args: DataArguments)
             if len(stats.bad_record_examples) < 5:
                 stats.bad_record_examples.append(message)
             continue
-        kept = [sample for ids, labels, merges in encoded
+        copies = record.repeat  # a weighted record: tokenized once, its samples kept (and counted) `copies` times
+        kept = [sample for _ in range(copies) for ids, labels, merges in encoded
                 if (sample := keep_sample(ids, labels, merges, record, data_args, stats, end_tokens[format_name]))]
         if not kept:
             continue
         samples += kept
-        stats.records_kept += 1
-        stats.split_records += len(encoded) > 1
+        stats.records_kept += copies
+        stats.split_records += copies * (len(encoded) > 1)
         if strategy:
-            stats.template_strategies[strategy] = stats.template_strategies.get(strategy, 0) + 1
+            stats.template_strategies[strategy] = stats.template_strategies.get(strategy, 0) + copies
         calls, results = tool_counts(record.data)
-        stats.records_with_tools += bool(calls or results or record.data.get("tools"))
-        stats.tool_calls += calls
-        stats.tool_results += results
+        stats.records_with_tools += copies * bool(calls or results or record.data.get("tools"))
+        stats.tool_calls += copies * calls
+        stats.tool_results += copies * results
         traces = reasoning_count(record.data)
-        stats.records_with_reasoning += bool(traces)
-        stats.reasoning_traces += traces
+        stats.records_with_reasoning += copies * bool(traces)
+        stats.reasoning_traces += copies * traces
     return samples, stats
 
 
@@ -477,6 +481,8 @@ def fingerprint(data_args: DataArguments, tokenizer, seed: int) -> str:
         "eval_dataset_size": data_args.eval_dataset_size,
         "max_train_samples": data_args.max_train_samples,
         "max_eval_samples": data_args.max_eval_samples,
+        "dataset_weights": data_args.dataset_weights,
+        "dataset_exact_deduplication": data_args.dataset_exact_deduplication,
         "data_seed": seed,
         "tokenizer": [tokenizer.__class__.__name__, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id],
         "tokenizer_probe": tokenizer("Hello world!\n[INST] 12 ümlaut", add_special_tokens=False)["input_ids"],
@@ -503,16 +509,32 @@ def prepare_datasets(data_args: DataArguments, tokenizer, seed: int, cache: str 
 
     records = []
     formats = data_args.dataset_format * len(data_args.dataset) if len(data_args.dataset_format) == 1 else data_args.dataset_format
-    for dataset, format_name in zip(data_args.dataset, formats):
-        records += [Record(r.data, r.where, format_name) for r in read_records(dataset)]
+    for source, (dataset, format_name) in enumerate(zip(data_args.dataset, formats)):
+        records += [Record(r.data, r.where, format_name, source) for r in read_records(dataset)]
+    per_dataset = [{"dataset": dataset, "records_read": 0} for dataset in data_args.dataset]
+    for record in records:
+        per_dataset[record.source]["records_read"] += 1
+    if data_args.dataset_exact_deduplication:
+        records, removed = mixing.deduplicate(records, len(data_args.dataset))
+        for entry, count in zip(per_dataset, removed):
+            entry["duplicates_removed"] = count
     train_records, eval_records = split_records(records, data_args.eval_dataset_size, seed)
+    train_records = mixing.apply_weights(train_records, data_args.dataset_weights, seed)
     if "chat_template" in formats and getattr(tokenizer, "chat_template", None):
         logger.info("the tokenizer's chat template: %s", template_traits(tokenizer).describe())
     processes = data_args.dataset_processes
-    train_samples, train_stats = tokenize_in_processes(train_records, tokenizer, data_args, processes)
+    train_samples, train_stats = [], TokenizeStats()
+    for source, entry in enumerate(per_dataset):  # one dataset at a time: its own counts for stats.json
+        members = [record for record in train_records if record.source == source]
+        samples, part = tokenize_in_processes(members, tokenizer, data_args, processes)
+        entry.update(weight=(data_args.dataset_weights or [1.0] * len(per_dataset))[source],
+                     eval_records=sum(record.source == source for record in eval_records),
+                     train_records=part.samples_read, train_samples=part.samples_kept, trained_tokens=part.trained_tokens)
+        train_samples += samples
+        train_stats.merge(part)
     eval_samples, eval_stats = tokenize_in_processes(eval_records, tokenizer, data_args, processes)
-    if len(data_args.dataset) > 1:
-        random.Random(seed).shuffle(train_samples)  # several datasets are trained mixed, not one after the other
+    if len(data_args.dataset) > 1 or data_args.dataset_weights:
+        random.Random(seed).shuffle(train_samples)  # datasets (and a record's repeats) mixed, not one after the other
     if data_args.max_train_samples is not None:
         train_samples = train_samples[: data_args.max_train_samples]
     if data_args.max_eval_samples is not None:
@@ -534,6 +556,7 @@ def prepare_datasets(data_args: DataArguments, tokenizer, seed: int, cache: str 
         "dataset": data_args.dataset,
         "dataset_format": data_args.dataset_format,
         "model_max_len": data_args.model_max_len,
+        "datasets": per_dataset,
         "train": train_stats.summary() | rows_summary(train_samples, packing["train"], data_args.model_max_len),
         "eval": eval_stats.summary() | rows_summary(eval_samples, packing["eval"], data_args.model_max_len) if eval_records else None,
     }
@@ -568,6 +591,11 @@ def save_prepared(cache: str, train, evaluation, stats: dict) -> None:
 
 
 def log_stats(stats: dict) -> None:
+    for entry in stats["datasets"] if len(stats["datasets"]) > 1 or "duplicates_removed" in stats["datasets"][0] else []:
+        logger.info("dataset %s: %d records read, %s duplicates removed, %d to eval, %d train records after weight "
+                    "%g, %d samples kept, %d trained tokens", entry["dataset"], entry["records_read"],
+                    entry.get("duplicates_removed", "no check for"), entry["eval_records"], entry["train_records"],
+                    entry["weight"], entry["train_samples"], entry["trained_tokens"])
     for split in ("train", "eval"):
         s = stats[split]
         if not s:
