@@ -120,17 +120,17 @@ def time_preprocessing(model_dir: str, data_file: str, max_len: int, work: str) 
     """Cold (tokenize + pack + write the cache) and cached (fingerprint + load) preparation, ours, packed."""
     from transformers import AutoTokenizer
 
-    from finetune.data import pipeline as data
+    from finetune.data import preparation
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     cache = os.path.join(work, f"prepared_{max_len}")
     shutil.rmtree(cache, ignore_errors=True)
     args = data_arguments(data_file, max_len, True, cache)
     started = time.perf_counter()
-    _, _, stats = data.prepare_datasets(args, tokenizer, seed=0, cache=cache, write=True)
+    _, _, stats = preparation.prepare_datasets(args, tokenizer, seed=0, cache=cache, write=True)
     cold = time.perf_counter() - started
     started = time.perf_counter()
-    data.prepare_datasets(args, tokenizer, seed=0, cache=cache, write=True)
+    preparation.prepare_datasets(args, tokenizer, seed=0, cache=cache, write=True)
     cached = time.perf_counter() - started
     return {"cold_s": round(cold, 2), "cached_s": round(cached, 3), "cached_over_cold": round(cached / cold, 4),
             "packing_efficiency": stats["train"]["packing_efficiency"], "samples": stats["train"]["samples_used"]}
@@ -215,6 +215,7 @@ def run_config(config: str, model_dir: str, data_file: str, max_len: int, steps:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
     from finetune.data import pipeline as data
+    from finetune.data import preparation
     from finetune.training.loss import TrainedTokenLoss
     from finetune.training.trainer import FinetuneTrainer
 
@@ -241,7 +242,7 @@ def run_config(config: str, model_dir: str, data_file: str, max_len: int, steps:
         else:
             packing = config == "ours_packed"
             args_data = data_arguments(data_file, max_len, packing, os.path.join(work, f"prepared_{config}_{max_len}"))
-            train_set, _, _ = data.prepare_datasets(args_data, tokenizer, seed=0, cache=args_data.dataset_prepared_path,
+            train_set, _, _ = preparation.prepare_datasets(args_data, tokenizer, seed=0, cache=args_data.dataset_prepared_path,
                                                     write=True)
             collator = data.Collator(tokenizer.pad_token_id)
             args = training_arguments(work, steps, 1 if packing else padded_batch,

@@ -19,6 +19,7 @@ from conftest import ROOT, write_jsonl
 
 from dataset_formats import IGNORE_INDEX, RecordError, encode_segments, get_format, render_segments
 from finetune.data import pipeline as data
+from finetune.data import preparation
 from finetune.data.template_masks import template_end_token, template_traits
 
 # template file -> (special tokens, plain added tokens, end-of-turn token)
@@ -331,7 +332,7 @@ def test_preparing_a_reasoning_dataset_logs_the_templates_traits_and_the_saved_s
     path = write_jsonl(tmp_path / "reasoning.jsonl", [REASONING, TOOLS] * 3)
     args = train.DataArguments(dataset=[path], dataset_format=["chat_template"], dataset_prepared_path=str(tmp_path / "prep"))
     with caplog.at_level(logging.INFO, logger="finetune.data.pipeline"):
-        prepared, _, stats = data.prepare_datasets(args, qwen3, seed=1, cache=args.dataset_prepared_path, write=True)
+        prepared, _, stats = preparation.prepare_datasets(args, qwen3, seed=1, cache=args.dataset_prepared_path, write=True)
     assert "reasoning passed as 'reasoning_content', dropped from past turns" in caplog.text
     assert "end-of-turn token '<|im_end|>'" in caplog.text
     assert "6 with reasoning (12 traces); 3 records rendered as several samples (1.50 samples per record)" in caplog.text

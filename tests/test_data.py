@@ -10,6 +10,7 @@ from conftest import conversations, instructions, run, train_py, write_jsonl
 
 from dataset_formats import IGNORE_INDEX
 from finetune.data import pipeline as data
+from finetune.data import preparation
 
 
 def airoboros_records(path: str) -> list:
@@ -126,9 +127,8 @@ def test_prepare_only_writes_datasets_and_stats_then_a_run_reuses_them(tmp_path,
     assert stats["train"]["samples_read"] == 16 and stats["eval"]["samples_read"] == 4
     assert stats["train"]["ending_with_trained_end_token"] == stats["train"]["samples_kept"] == 16
     assert 0 < stats["train"]["trained_token_fraction"] < 1
-    import datasets
 
-    train_set = datasets.load_from_disk(str(prepared / "train"))
+    train_set = preparation.load_split(str(prepared), "train")
     assert {"input_ids", "labels"} <= set(train_set.column_names) and len(train_set) == 16
     assert "[[" in first.output  # the preview marks trained spans
     assert not (tmp_path / "out" / "completed").exists()
@@ -149,11 +149,10 @@ def test_several_datasets_each_with_its_format_are_mixed(tmp_path, tiny_model):
     assert result.returncode == 0, result.output[-3000:]
     stats = json.loads((prepared / "stats.json").read_text())
     assert stats["train"]["samples_kept"] == 20 and stats["train"]["ending_with_trained_end_token"] == 20
-    import datasets
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    rows = datasets.load_from_disk(str(prepared / "train"))
+    rows = preparation.load_split(str(prepared), "train")
     kinds = ["alpaca" if r["input_ids"][0] == tokenizer.bos_token_id else "chatml" for r in rows]  # chatml has no BOS
     assert sorted(kinds) == ["alpaca"] * 10 + ["chatml"] * 10
     assert kinds[:10] != ["alpaca"] * 10 and kinds[:10] != ["chatml"] * 10  # shuffled together, not in blocks

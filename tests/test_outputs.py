@@ -20,6 +20,7 @@ from conftest import ROOT, build_stages, conversations, instructions, run, train
 import train
 from finetune.checks import preflight
 from finetune.data import pipeline as data
+from finetune.data import preparation
 from finetune.modeling.tokenizer import load_tokenizer
 from finetune.outputs import chat, hub, inference, reporting
 from finetune.run_paths import RunPaths
@@ -100,13 +101,12 @@ def test_model_card_python_snippet_runs(finished, capsys):
 
 
 def test_predictions_are_the_trained_prompts_answered_within_max_new_tokens(finished):
-    import datasets
     from transformers import AutoTokenizer
 
     rows = [json.loads(line) for line in (finished.out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == PREDICTIONS
     tokenizer = AutoTokenizer.from_pretrained(finished.out)
-    eval_set = datasets.load_from_disk(str(finished.out / "prepared_data" / "eval"))
+    eval_set = preparation.load_split(str(finished.out / "prepared_data"), "eval")
     for row, sample in zip(rows, eval_set):
         first_trained = next(i for i, label in enumerate(sample["labels"]) if label != -100)
         assert row["prompt_tokens"] == first_trained  # the prompt is the sample's own ids up to its first answer

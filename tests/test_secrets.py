@@ -19,7 +19,7 @@ def test_planted_tokens_appear_in_no_output_file_and_no_log(tmp_path, tiny_model
                           "--eval_strategy", "steps", "--eval_steps", "2", "--hub_token", PLANTED["flag"]),
                  cwd=str(tmp_path), HF_TOKEN=PLANTED["hf"], WANDB_API_KEY=PLANTED["wandb"], WANDB_MODE="offline")
     assert result.returncode == 0, result.output[-3000:]
-    assert (tmp_path / "wandb").is_dir() and (tmp_path / "out" / "prepared_data" / "stats.json").exists()
+    assert (tmp_path / "out" / "wandb").is_dir() and not (tmp_path / "wandb").exists() and (tmp_path / "out" / "prepared_data" / "stats.json").exists()
     leaks = []
     for folder, _, files in os.walk(tmp_path):
         for name in files:

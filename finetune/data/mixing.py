@@ -21,19 +21,18 @@ def record_key(data: dict, format_name: str) -> bytes:
     return hashlib.blake2b(f"{format_name}\0{canonical}".encode(), digest_size=16).digest()
 
 
-def deduplicate(records: list, datasets: int) -> tuple[list, list[int]]:
-    """Records without exact repeats of an earlier one (first kept), and the count removed per dataset."""
-    seen: set[bytes] = set()
-    removed = [0] * datasets
-    kept = []
-    for record in records:
+class Deduplicator:
+    """Remembers the key of every record seen (16 bytes each); seen() says whether an equal one came earlier."""
+
+    def __init__(self):
+        self.keys: set[bytes] = set()
+
+    def seen(self, record) -> bool:
         key = record_key(record.data, record.format)
-        if key in seen:
-            removed[record.source] += 1
-            continue
-        seen.add(key)
-        kept.append(record)
-    return kept, removed
+        if key in self.keys:
+            return True
+        self.keys.add(key)
+        return False
 
 
 def repeat_counts(n: int, weight: float, rng: random.Random) -> list[int]:
@@ -46,19 +45,17 @@ def repeat_counts(n: int, weight: float, rng: random.Random) -> list[int]:
     return counts
 
 
-def apply_weights(records: list, weights: list[float] | None, seed: int) -> list:
-    """The training records with Record.repeat set from their dataset's weight; records drawn 0 times are left out.
-    Each dataset draws from its own seeded generator, so adding a dataset does not change another's draw."""
+def weighted_repeats(sources: list[int], weights: list[float] | None, seed: int) -> list[int]:
+    """Times each training record (given by its dataset index, in order) is trained. Each dataset draws from its own
+    seeded generator, so adding a dataset does not change another's draw."""
     if not weights or all(weight == 1 for weight in weights):
-        return records
-    by_source: dict[int, list] = {}
-    for record in records:
-        by_source.setdefault(record.source, []).append(record)
-    out = []
-    for source, members in sorted(by_source.items()):
-        rng = random.Random(f"{seed}:{source}")
-        for record, count in zip(members, repeat_counts(len(members), weights[source], rng)):
-            if count:
-                record.repeat = count
-                out.append(record)
-    return out
+        return [1] * len(sources)
+    positions: dict[int, list[int]] = {}
+    for position, source in enumerate(sources):
+        positions.setdefault(source, []).append(position)
+    repeats = [0] * len(sources)
+    for source, members in positions.items():
+        counts = repeat_counts(len(members), weights[source], random.Random(f"{seed}:{source}"))
+        for position, count in zip(members, counts):
+            repeats[position] = count
+    return repeats

@@ -1,19 +1,18 @@
-"""From a dataset file to tokenized train/eval sets: read, split, render, tokenize once, filter, collate, record stats.
+"""From a dataset file to tokenized samples: read (one record at a time), split, render, tokenize once, filter,
+count, collate. preparation.py runs these steps over whole datasets in bounded memory and caches the result.
 
-A self-contained pipeline with its own errors (file:line, field, format) and its own on-disk artifacts
-(`--dataset_prepared_path` with `stats.json`); tests exercise it without loading a model. It reads the
+A self-contained pipeline with its own errors (file:line, field, format); tests exercise it without loading a model. It reads the
 DataArguments of train.py (the type is imported for annotations only: train.py imports this module). Formats live in dataset_formats.py; the one tokenization step is dataset_formats.encode_segments.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import random
-import shutil
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
@@ -34,10 +33,8 @@ from dataset_formats import (
     response,
     special_ids,
 )
-from finetune.data import mixing
 from finetune.data.conversations import reasoning_count, tool_counts
-from finetune.data.packing import PackedCollator, pack_sequences, packing_efficiency, padded_length
-from finetune.data.template_masks import template_traits
+from finetune.data.packing import PackedCollator, padded_length
 
 if TYPE_CHECKING:
     from train import DataArguments
@@ -45,7 +42,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".tsv")
-PREPARED_VERSION = 2  # bump when the tokenization or the prepared layout changes, so old caches are not reused
+PREPARED_VERSION = 3  # bump when the tokenization or the prepared layout changes, so old caches are not reused
 
 
 class DataError(ValueError):
@@ -71,24 +68,30 @@ def looks_local(dataset: str) -> bool:
 
 def read_records(dataset: str) -> list[Record]:
     """A local .json/.jsonl/.parquet/.csv/.tsv file, or a hub dataset name (needs the network)."""
-    if not looks_local(dataset):
-        return read_hub_records(dataset)
-    if not os.path.isfile(dataset):
-        raise DataError(f"--dataset {dataset}: file not found (cwd: {os.getcwd()})")
-    name = os.path.basename(dataset)
-    if dataset.endswith(".jsonl"):
-        records = read_jsonl(dataset, name)
-    elif dataset.endswith(".json"):
-        records = read_json(dataset, name)
-    else:
-        records = read_table(dataset, name)
+    records = list(iter_records(dataset))
     if not records:
         raise DataError(f"{dataset}: the file holds no records; add some or point --dataset at another file")
     return records
 
 
-def read_jsonl(path: str, name: str) -> list[Record]:
-    records = []
+def iter_records(dataset: str) -> Iterator[Record]:
+    """The records of one dataset, one at a time: JSON Lines, JSON arrays, parquet and CSV/TSV are read in pieces,
+    so memory does not grow with the file (a JSON file whose top level is an object is read whole)."""
+    if not looks_local(dataset):
+        yield from read_hub_records(dataset)
+        return
+    if not os.path.isfile(dataset):
+        raise DataError(f"--dataset {dataset}: file not found (cwd: {os.getcwd()})")
+    name = os.path.basename(dataset)
+    if dataset.endswith(".jsonl"):
+        yield from read_jsonl(dataset, name)
+    elif dataset.endswith(".json"):
+        yield from read_json(dataset, name)
+    else:
+        yield from read_table(dataset, name)
+
+
+def read_jsonl(path: str, name: str) -> Iterator[Record]:
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -99,21 +102,26 @@ def read_jsonl(path: str, name: str) -> list[Record]:
                 raise DataError(f"{name}:{number}: not valid JSON ({error.msg} at column {error.colno})") from error
             if not isinstance(value, dict):
                 raise DataError(f"{name}:{number}: each line must be a JSON object, got {type(value).__name__}")
-            records.append(Record(value, f"{name}:{number}"))
-    return records
+            yield Record(value, f"{name}:{number}")
 
 
-def read_json(path: str, name: str) -> list[Record]:
+def read_json(path: str, name: str) -> Iterator[Record]:
+    with open(path, encoding="utf-8") as handle:
+        start = handle.read(4096).lstrip()
+    if start.startswith("["):
+        yield from read_json_array(path, name)
+        return
     with open(path, encoding="utf-8") as handle:
         text = handle.read()
     if not text.strip():
-        return []
+        return
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
         if error.msg == "Extra data":  # JSON Lines saved as .json
             try:
-                return read_jsonl(path, name)
+                yield from list(read_jsonl(path, name))
+                return
             except DataError:
                 pass
         raise DataError(f"{name}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno})") from error
@@ -121,29 +129,72 @@ def read_json(path: str, name: str) -> list[Record]:
         value = value["data"]
     if not isinstance(value, list):
         raise DataError(f"{name}: the top level must be a list of records (or JSON Lines), got {type(value).__name__}")
-    records = []
     for index, item in enumerate(value):
         if not isinstance(item, dict):
             raise DataError(f"{name}[{index}]: each record must be a JSON object, got {type(item).__name__}")
-        records.append(Record(item, f"{name}[{index}]"))
-    return records
+        yield Record(item, f"{name}[{index}]")
 
 
-def read_table(path: str, name: str) -> list[Record]:
+def read_json_array(path: str, name: str, block: int = 1 << 20) -> Iterator[Record]:
+    """A top-level JSON array decoded one element at a time from a sliding buffer (errors keep the file's line)."""
+    decoder = json.JSONDecoder()
+    buffer, offset, line, index, done = "", 0, 1, 0, False
+    with open(path, encoding="utf-8") as handle:
+        buffer = handle.read(block)
+        offset = buffer.index("[") + 1
+        while True:
+            while True:  # skip whitespace and the comma before the next element, reading on as needed
+                while offset < len(buffer) and buffer[offset] in " \t\r\n,":
+                    line += buffer[offset] == "\n"
+                    offset += 1
+                if offset < len(buffer) or done:
+                    break
+                more = handle.read(block)
+                done = not more
+                buffer, offset = buffer[offset:] + more, 0
+            if offset >= len(buffer):
+                raise DataError(f"{name}:{line}: not valid JSON (the array is not closed with ])")
+            if buffer[offset] == "]":
+                return
+            try:
+                item, end = decoder.raw_decode(buffer, offset)
+            except json.JSONDecodeError as error:
+                more = "" if done else handle.read(block)
+                if more:  # the element runs past the buffer: read on and decode it again
+                    buffer, offset, done = buffer[offset:] + more, 0, False
+                    continue
+                where = line + buffer.count("\n", offset, error.pos)
+                raise DataError(f"{name}:{where}: not valid JSON ({error.msg})") from error
+            if not isinstance(item, dict):
+                raise DataError(f"{name}[{index}]: each record must be a JSON object, got {type(item).__name__}")
+            yield Record(item, f"{name}[{index}]")
+            line += buffer.count("\n", offset, end)
+            index += 1
+            offset = end
+            if offset > block:
+                buffer, offset = buffer[offset:], 0
+
+
+def read_table(path: str, name: str, block: int = 10_000) -> Iterator[Record]:
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        index = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=block):
+            for row in batch.to_pylist():
+                yield Record(row, f"{name}[row {index}]")
+                index += 1
+        return
     import pandas as pd
 
-    if path.endswith(".parquet"):
-        frame = pd.read_parquet(path)
-        first_row = 0
-    else:
-        frame = pd.read_csv(path, sep="\t" if path.endswith(".tsv") else ",", keep_default_na=False)
-        first_row = 2  # line 1 is the header
-    rows = frame.to_dict(orient="records")
-    where = (lambda i: f"{name}:{i + first_row}") if first_row else (lambda i: f"{name}[row {i}]")
-    return [Record(row, where(i)) for i, row in enumerate(rows)]
+    line = 2  # line 1 is the header
+    for frame in pd.read_csv(path, sep="\t" if path.endswith(".tsv") else ",", keep_default_na=False, chunksize=block):
+        for row in frame.to_dict(orient="records"):
+            yield Record(row, f"{name}:{line}")
+            line += 1
 
 
-def read_hub_records(dataset: str) -> list[Record]:
+def read_hub_records(dataset: str) -> Iterator[Record]:
     import datasets
 
     try:
@@ -155,7 +206,8 @@ def read_hub_records(dataset: str) -> list[Record]:
             "Pass a path to a .json/.jsonl/.parquet/.csv/.tsv file, or check the name and your network "
             "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE must be unset to download)."
         ) from error
-    return [Record(row, f"{dataset}[{i}]") for i, row in enumerate(loaded)]
+    for index, row in enumerate(loaded):  # arrow-backed: rows are read from disk as they are needed
+        yield Record(row, f"{dataset}[{index}]")
 
 
 # --- splitting -----------------------------------------------------------------------------------------------------------
@@ -175,24 +227,30 @@ def eval_count(total: int, eval_size: float) -> int:
 
 def split_records(records: list[Record], eval_size: float, seed: int, stratify_field: str = "category"):
     """Seeded train/eval split; when records carry `category`, each category gives its share to eval."""
-    count = eval_count(len(records), eval_size)
+    chosen = eval_positions([str(record.data.get(stratify_field, "")) for record in records], eval_size, seed)
+    train = [r for i, r in enumerate(records) if i not in chosen]
+    evaluation = [r for i, r in enumerate(records) if i in chosen]
+    return train, evaluation
+
+
+def eval_positions(categories: list[str], eval_size: float, seed: int) -> set[int]:
+    """The positions split_records sends to eval, from the records' categories alone (a list of strings, not the
+    records: preparation.py calls it on millions of records without holding them)."""
+    count = eval_count(len(categories), eval_size)
     if count == 0:
-        return records, []
+        return set()
     rng = random.Random(seed)
     groups: dict[str, list[int]] = defaultdict(list)
-    for index, record in enumerate(records):
-        groups[str(record.data.get(stratify_field, ""))].append(index)
+    for index, category in enumerate(categories):
+        groups[category].append(index)
     for members in groups.values():
         rng.shuffle(members)
     # largest-remainder apportionment: every category gets round(share), the total is exactly `count`
-    quotas = {key: count * len(members) / len(records) for key, members in groups.items()}
+    quotas = {key: count * len(members) / len(categories) for key, members in groups.items()}
     taken = {key: int(quota) for key, quota in quotas.items()}
     for key in sorted(quotas, key=lambda k: (taken[k] - quotas[k], k))[: count - sum(taken.values())]:
         taken[key] += 1
-    eval_indices = {i for key, members in groups.items() for i in members[: taken[key]]}
-    train = [r for i, r in enumerate(records) if i not in eval_indices]
-    evaluation = [r for i, r in enumerate(records) if i in eval_indices]
-    return train, evaluation
+    return {i for key, members in groups.items() for i in members[: taken[key]]}
 
 
 # --- tokenizing ----------------------------------------------------------------------------------------------------------
@@ -450,180 +508,6 @@ def attach_chat_template(tokenizer, formats: list[str] | str) -> str | None:
         "template, so render inference prompts with dataset_formats.%s_segments instead", layout, layout,
     )
     return None
-
-
-# --- the whole preparation, cached under --dataset_prepared_path ---------------------------------------------------------
-
-
-def fingerprint(data_args: DataArguments, tokenizer, seed: int) -> str:
-    digest = hashlib.sha256()
-    for dataset in data_args.dataset:
-        if os.path.isfile(dataset):
-            with open(dataset, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-        else:
-            digest.update(dataset.encode())
-    settings = {
-        "version": PREPARED_VERSION,
-        "format": data_args.dataset_format,
-        "model_max_len": data_args.model_max_len,
-        "excess_length": data_args.excess_length,
-        "skip_bad_records": data_args.skip_bad_records,
-        "train_on_source": data_args.train_on_source,
-        "roles_to_train": list(data_args.roles_to_train),
-        "train_on_reasoning": data_args.train_on_reasoning,
-        "include_sources": data_args.include_sources,
-        "dataset_text_field": data_args.dataset_text_field,
-        "sample_packing": [data_args.sample_packing, data_args.eval_sample_packing],
-        "custom": {name.removeprefix("custom_"): value for name, value in custom_settings(data_args).items()},
-        "chat_template": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()[:12],
-        "eval_dataset_size": data_args.eval_dataset_size,
-        "max_train_samples": data_args.max_train_samples,
-        "max_eval_samples": data_args.max_eval_samples,
-        "dataset_weights": data_args.dataset_weights,
-        "dataset_exact_deduplication": data_args.dataset_exact_deduplication,
-        "data_seed": seed,
-        "tokenizer": [tokenizer.__class__.__name__, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id],
-        "tokenizer_probe": tokenizer("Hello world!\n[INST] 12 ümlaut", add_special_tokens=False)["input_ids"],
-    }
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    return digest.hexdigest()[:16]
-
-
-def prepare_datasets(data_args: DataArguments, tokenizer, seed: int, cache: str | None, write: bool):
-    """Returns (train, eval or None, stats dict). Reuses the prepared data in `cache` (the run's
-    --dataset_prepared_path) when its fingerprint matches; writes it there when `write`."""
-    import datasets
-
-    key = fingerprint(data_args, tokenizer, seed)
-    if cache and os.path.isfile(os.path.join(cache, "stats.json")):
-        with open(os.path.join(cache, "stats.json")) as handle:
-            stats = json.load(handle)
-        if stats.get("fingerprint") == key:
-            logger.info("reusing prepared data in %s (fingerprint %s)", cache, key)
-            train = datasets.load_from_disk(os.path.join(cache, "train"))
-            evaluation = datasets.load_from_disk(os.path.join(cache, "eval")) if stats["eval"] else None
-            return train, evaluation, stats
-        logger.info("prepared data in %s was made with other data or settings; preparing again", cache)
-
-    records = []
-    formats = data_args.dataset_format * len(data_args.dataset) if len(data_args.dataset_format) == 1 else data_args.dataset_format
-    for source, (dataset, format_name) in enumerate(zip(data_args.dataset, formats)):
-        records += [Record(r.data, r.where, format_name, source) for r in read_records(dataset)]
-    per_dataset = [{"dataset": dataset, "records_read": 0} for dataset in data_args.dataset]
-    for record in records:
-        per_dataset[record.source]["records_read"] += 1
-    if data_args.dataset_exact_deduplication:
-        records, removed = mixing.deduplicate(records, len(data_args.dataset))
-        for entry, count in zip(per_dataset, removed):
-            entry["duplicates_removed"] = count
-    train_records, eval_records = split_records(records, data_args.eval_dataset_size, seed)
-    train_records = mixing.apply_weights(train_records, data_args.dataset_weights, seed)
-    if "chat_template" in formats and getattr(tokenizer, "chat_template", None):
-        logger.info("the tokenizer's chat template: %s", template_traits(tokenizer).describe())
-    processes = data_args.dataset_processes
-    train_samples, train_stats = [], TokenizeStats()
-    for source, entry in enumerate(per_dataset):  # one dataset at a time: its own counts for stats.json
-        members = [record for record in train_records if record.source == source]
-        samples, part = tokenize_in_processes(members, tokenizer, data_args, processes)
-        entry.update(weight=(data_args.dataset_weights or [1.0] * len(per_dataset))[source],
-                     eval_records=sum(record.source == source for record in eval_records),
-                     train_records=part.samples_read, train_samples=part.samples_kept, trained_tokens=part.trained_tokens)
-        train_samples += samples
-        train_stats.merge(part)
-    eval_samples, eval_stats = tokenize_in_processes(eval_records, tokenizer, data_args, processes)
-    if len(data_args.dataset) > 1 or data_args.dataset_weights:
-        random.Random(seed).shuffle(train_samples)  # datasets (and a record's repeats) mixed, not one after the other
-    if data_args.max_train_samples is not None:
-        train_samples = train_samples[: data_args.max_train_samples]
-    if data_args.max_eval_samples is not None:
-        eval_samples = eval_samples[: data_args.max_eval_samples]
-    if not train_samples:
-        raise DataError(
-            f"{' '.join(data_args.dataset)}: no training sample is left after tokenization "
-            f"({train_stats.dropped_too_long} of {train_stats.samples_read} exceed --model_max_len "
-            f"{data_args.model_max_len}); raise --model_max_len or pass --excess_length truncate"
-        )
-    packing = {"train": data_args.sample_packing}
-    packing["eval"] = packing["train"] if data_args.eval_sample_packing is None else data_args.eval_sample_packing
-    if packing["train"]:
-        train_samples = pack_sequences(train_samples, data_args.model_max_len, seed)
-    if packing["eval"] and eval_samples:
-        eval_samples = pack_sequences(eval_samples, data_args.model_max_len, seed)
-    stats = {
-        "fingerprint": key,
-        "dataset": data_args.dataset,
-        "dataset_format": data_args.dataset_format,
-        "model_max_len": data_args.model_max_len,
-        "datasets": per_dataset,
-        "train": train_stats.summary() | rows_summary(train_samples, packing["train"], data_args.model_max_len),
-        "eval": eval_stats.summary() | rows_summary(eval_samples, packing["eval"], data_args.model_max_len) if eval_records else None,
-    }
-    log_stats(stats)
-    train = datasets.Dataset.from_list(train_samples)
-    evaluation = datasets.Dataset.from_list(eval_samples) if eval_samples else None
-    if cache and write:
-        save_prepared(cache, train, evaluation, stats)
-    return train, evaluation, stats
-
-
-def rows_summary(rows: list[dict], packed: bool, max_len: int) -> dict:
-    if not packed:
-        return {"samples_used": len(rows), "packed": False}
-    return {"samples_used": sum(r["position_ids"].count(0) for r in rows), "packed": True, "rows": len(rows),
-            "packing_efficiency": round(packing_efficiency(rows, max_len), 5)}
-
-
-def save_prepared(cache: str, train, evaluation, stats: dict) -> None:
-    """Written to a temporary directory and renamed, so a crash never leaves a half-written cache behind."""
-    tmp = f"{cache.rstrip(os.sep)}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    train.save_to_disk(os.path.join(tmp, "train"))
-    if evaluation is not None:
-        evaluation.save_to_disk(os.path.join(tmp, "eval"))
-    with open(os.path.join(tmp, "stats.json"), "w") as handle:
-        json.dump(stats, handle, indent=2)
-    shutil.rmtree(cache, ignore_errors=True)
-    os.replace(tmp, cache)
-    logger.info("prepared data written to %s", cache)
-
-
-def log_stats(stats: dict) -> None:
-    for entry in stats["datasets"] if len(stats["datasets"]) > 1 or "duplicates_removed" in stats["datasets"][0] else []:
-        logger.info("dataset %s: %d records read, %s duplicates removed, %d to eval, %d train records after weight "
-                    "%g, %d samples kept, %d trained tokens", entry["dataset"], entry["records_read"],
-                    entry.get("duplicates_removed", "no check for"), entry["eval_records"], entry["train_records"],
-                    entry["weight"], entry["train_samples"], entry["trained_tokens"])
-    for split in ("train", "eval"):
-        s = stats[split]
-        if not s:
-            continue
-        logger.info(
-            "%s data: %d records read, %d kept, %d dropped as longer than --model_max_len %d, %d truncated, "
-            "%d bad records skipped, %d tokens (%.1f%% trained), %d/%d end with a trained end token, lengths %s",
-            split, s["samples_read"], s["samples_kept"], s["dropped_too_long"], stats["model_max_len"],
-            s["truncated"], s["bad_records"], s["tokens"], 100 * s["trained_token_fraction"],
-            s["ending_with_trained_end_token"], s["samples_kept"], s["length_percentiles"],
-        )
-        if s.get("packed"):
-            logger.info("%s data packed into %d rows of %d tokens: packing efficiency %.2f%% (real tokens / slots)",
-                        split, s["rows"], stats["model_max_len"], 100 * s["packing_efficiency"])
-        if s["records_with_tools"] or s["records_with_reasoning"] or s["split_records"]:
-            logger.info(
-                "%s data: %d records with tools (%d calls, %d results), %d with reasoning (%d traces); %d records "
-                "rendered as several samples (%.2f samples per record); chat template strategies %s", split,
-                s["records_with_tools"], s["tool_calls"], s["tool_results"], s["records_with_reasoning"],
-                s["reasoning_traces"], s["split_records"], s["samples_per_record"], s["template_strategies"] or "-",
-            )
-        for example in s["bad_record_examples"]:
-            logger.warning("skipped bad record: %s", example)
-        if s["boundary_merges"]:
-            logger.warning(
-                "%s data: %d prompt/response boundaries fell inside a token; those tokens are trained as response",
-                split, s["boundary_merges"],
-            )
 
 
 PREVIEW_SPANS = (("<think>", "</think>", "{{", "}}"), ("<tool_call>", "</tool_call>", "<<", ">>"))

@@ -12,7 +12,7 @@ import transformers
 
 from dataset_formats import end_token_id
 from finetune.checks.preflight import check_disk_space, fsdp_requested
-from finetune.data import pipeline
+from finetune.data import pipeline, preparation
 from finetune.modeling.adapters import add_adapters
 from finetune.modeling.loading import load_model
 from finetune.modeling.tokenizer import load_tokenizer
@@ -59,7 +59,7 @@ def build_datasets(data_args: DataArguments, args: TrainingArguments, paths: Run
     write=False (--dry_run, --merge_only) reads an existing cache but writes none."""
     seed = args.data_seed if args.data_seed is not None else args.seed
     with args.main_process_first(desc="dataset preparation"):
-        train, evaluation, stats = pipeline.prepare_datasets(data_args, tokenizer, seed, paths.prepared,
+        train, evaluation, stats = preparation.prepare_datasets(data_args, tokenizer, seed, paths.prepared,
                                                              write=write and args.process_index == 0)
     logger.info("sample 0 as trained ([[...]] = trained tokens):\n%s", pipeline.preview(train[0], tokenizer))
     return train, evaluation, stats
