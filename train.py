@@ -585,9 +585,9 @@ def run(argv: list[str]) -> int:
         return 0
     config = check_model_before_writing(model_args, args, data_args.model_max_len)  # on a meta model, before writes
     paths = RunPaths.from_args(args, data_args)
-    environment.place_wandb_files(args.report_to, paths.working)
     if args.dry_run:
         return stages.dry_run(config, model_args, data_args, args, paths)
+    environment.place_wandb_files(args.report_to, paths.working)
     stages.prepare_directories(args, paths)
     transformers.set_seed(args.seed)
     if args.merge_only:

@@ -331,7 +331,7 @@ def test_preparing_a_reasoning_dataset_logs_the_templates_traits_and_the_saved_s
     qwen3 = model_tokenizer(tiny_tokenizer, "qwen3")
     path = write_jsonl(tmp_path / "reasoning.jsonl", [REASONING, TOOLS] * 3)
     args = train.DataArguments(dataset=[path], dataset_format=["chat_template"], dataset_prepared_path=str(tmp_path / "prep"))
-    with caplog.at_level(logging.INFO, logger="finetune.data.pipeline"):
+    with caplog.at_level(logging.INFO, logger="finetune.data"):
         prepared, _, stats = preparation.prepare_datasets(args, qwen3, seed=1, cache=args.dataset_prepared_path, write=True)
     assert "reasoning passed as 'reasoning_content', dropped from past turns" in caplog.text
     assert "end-of-turn token '<|im_end|>'" in caplog.text

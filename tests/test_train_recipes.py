@@ -71,7 +71,7 @@ def test_full_finetune_recipe_torchrun_2_procs_deepspeed_zero2(tmp_path, tiny_mo
     state = json.loads((work / "checkpoint-10" / "trainer_state.json").read_text())
     assert any("eval_loss" in entry for entry in state["log_history"])  # --evaluation_strategy steps took effect
     assert sum("loss" in entry for entry in state["log_history"]) == 10  # --logging_steps 1
-    assert (tmp_path / "wandb").is_dir()  # --report_to wandb (offline here)
+    assert (work / "wandb").is_dir() and not (tmp_path / "wandb").exists()  # --report_to wandb: under the working dir
     assert "using sdpa attention instead" in result.output  # --use_flash_attention_2 on a machine with no CUDA
     assert json.loads((out / "generation_config.json").read_text())["max_new_tokens"] == 4096
     import torch

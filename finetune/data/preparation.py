@@ -337,7 +337,26 @@ def prepare_datasets(data_args: DataArguments, tokenizer, seed: int, cache: str 
     formats = dataset_formats(data_args)
     if "chat_template" in formats and getattr(tokenizer, "chat_template", None):
         logger.info("the tokenizer's chat template: %s", template_traits(tokenizer).describe())
-    work = staging_dir(cache if write else None)
+    work, created = staging_dir(cache if write else None)
+    try:
+        summary = prepare_into(work, plan, data_args, tokenizer, seed, key)
+    except BaseException:  # bad data found halfway: leave nothing behind, not even the parents made for the cache
+        for path in [work, *created]:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    log_stats(summary)
+    with open(os.path.join(work, "stats.json"), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    if cache and write:
+        shutil.rmtree(cache, ignore_errors=True)
+        os.replace(work, cache)
+        logger.info("prepared data written to %s", cache)
+        work = cache
+    return load_split(work, "train"), load_split(work, "eval"), summary
+
+
+def prepare_into(work: str, plan: Plan, data_args: DataArguments, tokenizer, seed: int, key: str) -> dict:
+    """Pass 2 and the finishing of both splits into `work`; returns the stats."""
     stats = {"train": TokenizeStats(), "eval": TokenizeStats()}
     per_source = [TokenizeStats() for _ in plan.per_dataset]
     total = plan.records - (sum(1 for r in plan.repeat if not r) - len(plan.eval))
@@ -381,27 +400,24 @@ def prepare_datasets(data_args: DataArguments, tokenizer, seed: int, cache: str 
         "train": train_stats.summary() | train_rows,
         "eval": eval_stats.summary() | eval_rows if plan.eval else None,
     }
-    log_stats(summary)
-    with open(os.path.join(work, "stats.json"), "w") as handle:
-        json.dump(summary, handle, indent=2)
-    if cache and write:
-        shutil.rmtree(cache, ignore_errors=True)
-        os.replace(work, cache)
-        logger.info("prepared data written to %s", cache)
-        work = cache
-    return load_split(work, "train"), load_split(work, "eval"), summary
+    return summary
 
 
-def staging_dir(cache: str | None) -> str:
-    """Next to the cache when it will be written (renamed into place at the end), else a temporary directory."""
-    if cache:
-        path = f"{cache.rstrip(os.sep)}.tmp-{os.getpid()}"
-        shutil.rmtree(path, ignore_errors=True)
-        os.makedirs(path)
-        return path
-    path = tempfile.mkdtemp(prefix="prepared-")
-    atexit.register(shutil.rmtree, path, True)
-    return path
+def staging_dir(cache: str | None) -> tuple[str, list[str]]:
+    """Next to the cache when it will be written (renamed into place at the end), else a temporary directory; and
+    the parent directories made for it (removed again if the preparation fails)."""
+    if not cache:
+        path = tempfile.mkdtemp(prefix="prepared-")
+        atexit.register(shutil.rmtree, path, True)
+        return path, []
+    path = f"{cache.rstrip(os.sep)}.tmp-{os.getpid()}"
+    created, parent = [], os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    return path, created
 
 
 def log_stats(stats: dict) -> None:
