@@ -539,6 +539,8 @@ class TrainingArguments(transformers.TrainingArguments):
         # autocast). Without it, each torchrun rank silently trains alone as "rank 0 of 1" and all write the outputs.
         if not self.use_cpu and not has_accelerator():
             self.use_cpu = True
+        if self.use_cpu:
+            preflight.honour_ddp_timeout_on_cpu(self.ddp_timeout)
         super().__post_init__()
 
 

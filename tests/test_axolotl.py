@@ -190,3 +190,23 @@ def test_env_file_fills_what_the_environment_lacks(tmp_path, alpaca_file, monkey
     (tmp_path / ".env").write_text("FT_TEST_DEFAULT=yes\n")
     train.parse_arguments(["--model_name_or_path", "m", "--dataset", alpaca_file, "--output_dir", str(tmp_path / "o")])
     assert os.environ["FT_TEST_DEFAULT"] == "yes"
+
+
+def test_the_readme_mapping_table_is_the_one_the_code_generates():
+    from finetune.config import axolotl
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    block = readme.split("<!-- axolotl-table -->\n", 1)[1].split("\n<!-- /axolotl-table -->", 1)[0]
+    assert block == axolotl.mapping_table()
+    for key in ("base_model", "lora_model_dir", "micro_batch_size", "sample_packing", "datasets", "val_set_size"):
+        assert f"| `{key}` |" in block
+
+
+def test_unknown_keys_of_a_dataset_entry_name_the_closest(tmp_path, alpaca_file):
+    config = localized(tmp_path, "qlora-1b", "m", alpaca_file)
+    settings = yaml.safe_load(open(config))
+    settings["datasets"][0]["feild_messages"] = "messages"
+    (tmp_path / "typo.yml").write_text(yaml.safe_dump(settings))
+    with pytest.raises(train.UsageError, match=r"unknown key datasets\[0\].feild_messages \(did you mean field_messages\?\)"):
+        train.parse_arguments([str(tmp_path / "typo.yml")])

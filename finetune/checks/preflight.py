@@ -35,6 +35,18 @@ def check_writable_directory(flag: str, path: Optional[str]) -> None:
         raise UsageError(f"{flag} {path}: cannot write in {existing} ({error.strerror}); pick a writable path") from error
 
 
+def honour_ddp_timeout_on_cpu(seconds: int) -> None:
+    """transformers 5.23 passes --ddp_timeout to the process group only on accelerators; on CPU (gloo) it silently
+    keeps torch's 30 minutes. Under a launcher, start the gloo group here with the asked timeout (accelerate then
+    uses the group as it finds it)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=seconds))
+
+
 def check_reporting(report_to) -> None:
     """Every --report_to value names an integration that is installed (transformers would fail mid-setup)."""
     from transformers.integrations import get_available_reporting_integrations

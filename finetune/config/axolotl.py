@@ -23,20 +23,35 @@ RENAMED = {
     "micro_batch_size": "per_device_train_batch_size", "eval_batch_size": "per_device_eval_batch_size",
     "num_epochs": "num_train_epochs", "optimizer": "optim", "lr_scheduler": "lr_scheduler_type",
     "val_set_size": "eval_dataset_size", "train_on_inputs": "train_on_source", "lora_target_modules": "lora_modules",
-    "wandb_name": "run_name",
+    "wandb_name": "run_name", "gradient_checkpointing": "activation_checkpointing",
 }
 SAME = {
     "lora_r", "lora_alpha", "lora_dropout", "sample_packing", "eval_sample_packing", "gradient_accumulation_steps",
     "max_steps", "learning_rate", "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "adam_beta1",
-    "adam_beta2", "adam_epsilon", "fp16", "tf32", "gradient_checkpointing", "logging_steps", "eval_steps",
+    "adam_beta2", "adam_epsilon", "fp16", "tf32", "logging_steps", "eval_steps",
     "save_steps", "save_total_limit", "output_dir", "dataset_prepared_path", "dataset_processes", "group_by_length",
     "resume_from_checkpoint", "loss_watchdog_threshold", "loss_watchdog_patience", "neftune_noise_alpha", "deepspeed",
     "fsdp", "fsdp_config", "seed", "hub_model_id", "torch_compile", "dataset_exact_deduplication",
 }
-# read by the translation of other keys, or settings that need nothing here (logged)
-CONSUMED = {"load_in_4bit", "load_in_8bit", "adapter", "lora_target_linear", "bf16", "flash_attention",
-            "sdp_attention", "pad_to_sequence_len", "cosine_min_lr_ratio", "evals_per_epoch", "saves_per_epoch",
-            "special_tokens", "chat_template", "datasets", "shuffle_merged_datasets", "overrides_of_model_config"}
+# read by the translation of other keys (the README's table says what each becomes)
+CONSUMED = {
+    "adapter": "lora: LoRA at --bits 16 (8 / 4 with load_in_8bit / load_in_4bit); qlora: --bits 4 --quant_type nf4 "
+               "--double_quant; none: --full_finetune --bits 16",
+    "load_in_4bit": "--bits 4 (with adapter)", "load_in_8bit": "--bits 8 (with adapter)",
+    "lora_target_linear": "--lora_modules all", "bf16": "--bf16 (auto: true on a bf16 GPU, else false)",
+    "flash_attention": "--attn_implementation flash_attention_2 (sdpa without CUDA)",
+    "sdp_attention": "--attn_implementation sdpa",
+    "pad_to_sequence_len": "--pad_to_multiple_of <sequence_len>",
+    "cosine_min_lr_ratio": "--lr_scheduler_type cosine_with_min_lr --lr_scheduler_kwargs {min_lr_rate: r}",
+    "evals_per_epoch": "--eval_steps 1/(N x num_epochs) --eval_strategy steps",
+    "saves_per_epoch": "--save_steps 1/(N x num_epochs) --save_strategy steps",
+    "special_tokens": "--pad_token / --bos_token / --eos_token / --unk_token",
+    "chat_template": "tokenizer_default: --dataset_format chat_template; chatml: chatml; llama2: llama2_chat "
+                     "(other named templates refused)",
+    "datasets": "--dataset / --dataset_format (type), --custom_* (a user-defined type), --roles_to_train",
+    "shuffle_merged_datasets": "always: several datasets are trained shuffled together",
+    "overrides_of_model_config": "rope_scaling -> --rope_scaling_type / --rope_scaling_factor",
+}
 NO_OP = {
     "model_type": "models load with AutoModelForCausalLM", "tokenizer_type": "tokenizers load with AutoTokenizer",
     "base_model_config": "the model's config is read from base_model", "strict": "every key is checked anyway",
@@ -51,6 +66,21 @@ NOT_IMPLEMENTED = {
     "default_system_message": "a default system prompt for chat records",
     "early_stopping_patience": "early stopping",
     "test_datasets": "separate eval datasets (use val_set_size)",
+}
+# keys of one `datasets:` entry and what becomes of each
+DATASET_KEYS = {
+    "path": "--dataset (a local file or a hub name)",
+    "type": "--dataset_format: a format name (alpaca, completion, input_output, sharegpt, context_qa.load_v2, ...), "
+            "chat_template, or a mapping {field_instruction, field_input, field_output, format, no_input_format, "
+            "system_format, system_prompt} -> the --custom_* flags",
+    "ds_type": "nothing to do: the file's suffix says how to read it",
+    "field_messages": "must be one of the conversation fields read (messages, conversations, ...)",
+    "message_property_mappings": "role/content or from/value only",
+    "roles": "only names the built-in role aliases already map",
+    "roles_to_train": "--roles_to_train",
+    "train_on_eos": "turn or all: every trained turn's end token is trained",
+    "split": "train only", "data_files": "**refused** (a subset of a dataset)",
+    "name": "**refused** (a configuration of a hub dataset)", "train_on_split": "**refused** (a split other than train)",
 }
 # axolotl dataset types -> our format names (registered names such as context_qa.load_v2 are taken as they are)
 DATASET_TYPES = {"input_output": "input-output", "alpaca_chat.load_qa": "alpaca_chat.load_qa"}
@@ -71,7 +101,7 @@ def translate(path: str, config: dict, known_flags: set[str]) -> dict:
     """axolotl keys -> {our flag: value}; refuses unimplemented and unknown keys, all of them at once."""
     given = {key: value for key, value in config.items() if not empty(value)}
     refused = [f"{key} ({NOT_IMPLEMENTED[key]})" for key in given if key in NOT_IMPLEMENTED]
-    known = set(RENAMED) | SAME | CONSUMED | set(NO_OP) | set(WANDB_ENV) | set(NOT_IMPLEMENTED)
+    known = set(RENAMED) | SAME | set(CONSUMED) | set(NO_OP) | set(WANDB_ENV) | set(NOT_IMPLEMENTED)
     unknown = [key for key in config if key not in known and key not in known_flags]
     if unknown:
         hints = [f"{key}{closest(key, sorted(known | known_flags))}" for key in unknown]
@@ -103,6 +133,21 @@ def translate(path: str, config: dict, known_flags: set[str]) -> dict:
         out.setdefault("report_to", "wandb")
         logger.info("axolotl wandb_* keys -> environment %s and --report_to wandb", ", ".join(sorted(wandb)))
     return out
+
+
+def mapping_table() -> str:
+    """The README's "Coming from axolotl" table, from the tables above (tests/test_axolotl.py keeps them equal)."""
+    rows = [(key, f"`--{flag}`") for key, flag in RENAMED.items()]
+    rows += [(key, f"`--{key}`") for key in SAME]
+    rows += list(CONSUMED.items())
+    rows += [(key, f"environment `{name}` (and `--report_to wandb`)") for key, name in WANDB_ENV.items()]
+    rows += [(key, f"nothing to do: {why}") for key, why in NO_OP.items()]
+    rows += [(key, f"**refused** (not implemented: {why})") for key, why in NOT_IMPLEMENTED.items()]
+    lines = ["| axolotl key | here |", "|---|---|"]
+    lines += [f"| `{key}` | {what.replace('|', '/')} |" for key, what in sorted(rows)]
+    lines += ["", "| `datasets:` entry key | here |", "|---|---|"]
+    lines += [f"| `{key}` | {what} |" for key, what in DATASET_KEYS.items()]
+    return "\n".join(lines)
 
 
 def closest(key: str, candidates: list[str]) -> str:
@@ -194,6 +239,10 @@ def dataset_flags(path: str, config: dict) -> tuple[dict, list[str]]:
     refused, paths, formats, out = [], [], [], {}
     for number, entry in enumerate(entries):
         spot = f"datasets[{number}]"
+        unknown = [key for key in entry if key not in DATASET_KEYS]
+        if unknown:
+            raise UsageError(f"axolotl config {path}: unknown key {spot}.{unknown[0]}"
+                             f"{closest(unknown[0], sorted(DATASET_KEYS))}; a dataset takes {', '.join(DATASET_KEYS)}")
         kind = entry.get("type", "alpaca")
         for key in ("data_files", "split", "name", "train_on_split"):
             if not empty(entry.get(key)) and not (key == "split" and entry[key] == "train"):
@@ -243,3 +292,7 @@ def chat_dataset_refusals(spot: str, entry: dict) -> list[str]:
     if entry.get("train_on_eos") not in (None, "turn", "all"):
         refused.append(f"{spot}.train_on_eos: {entry['train_on_eos']} (every trained turn's end token is trained)")
     return refused
+
+
+if __name__ == "__main__":  # python -m finetune.config.axolotl: the README table
+    print(mapping_table())

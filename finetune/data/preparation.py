@@ -333,6 +333,7 @@ def prepare_datasets(data_args: DataArguments, tokenizer, seed: int, cache: str 
     cached = load_cached(cache, key)
     if cached:
         return cached
+    started = time.monotonic()
     plan = Plan(data_args, seed)
     formats = dataset_formats(data_args)
     if "chat_template" in formats and getattr(tokenizer, "chat_template", None):
@@ -344,6 +345,7 @@ def prepare_datasets(data_args: DataArguments, tokenizer, seed: int, cache: str 
         for path in [work, *created]:
             shutil.rmtree(path, ignore_errors=True)
         raise
+    summary["preparation_seconds"] = round(time.monotonic() - started, 1)
     log_stats(summary)
     with open(os.path.join(work, "stats.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
@@ -401,6 +403,26 @@ def prepare_into(work: str, plan: Plan, data_args: DataArguments, tokenizer, see
         "eval": eval_stats.summary() | eval_rows if plan.eval else None,
     }
     return summary
+
+
+def wait_for_cache(cache: str, key: str, poll: float = 1.0, log_every: float = 60.0):
+    """Another rank on this machine prepares the data: wait for its cache by polling the file system, not in a
+    collective, so however long the preparation takes no process-group timeout (--ddp_timeout) is hit. The launcher
+    (torchrun) ends this process if the preparing rank fails."""
+    start = last = time.monotonic()
+    while True:
+        if os.path.isfile(os.path.join(cache, "stats.json")):
+            with open(os.path.join(cache, "stats.json")) as handle:
+                try:
+                    ready = json.load(handle).get("fingerprint") == key
+                except json.JSONDecodeError:
+                    ready = False
+            if ready:
+                return load_cached(cache, key)
+        if time.monotonic() - last >= log_every:
+            last = time.monotonic()
+            logger.debug("waiting %.0f s for the prepared data in %s", last - start, cache)
+        time.sleep(poll)
 
 
 def staging_dir(cache: str | None) -> tuple[str, list[str]]:

@@ -5,6 +5,7 @@ itself and the dry run, which goes through the same checks and tokenization and 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -58,11 +59,24 @@ def build_datasets(data_args: DataArguments, args: TrainingArguments, paths: Run
     """Rank 0 prepares (and caches) first; the other ranks then reuse its cache or repeat the same seeded work.
     write=False (--dry_run, --merge_only) reads an existing cache but writes none."""
     seed = args.data_seed if args.data_seed is not None else args.seed
-    with args.main_process_first(desc="dataset preparation"):
-        train, evaluation, stats = preparation.prepare_datasets(data_args, tokenizer, seed, paths.prepared,
-                                                             write=write and args.process_index == 0)
+    if write and args.world_size > 1 and one_machine():
+        # rank 0 prepares and writes the cache; the others poll for it (no barrier: no --ddp_timeout to hit)
+        if args.process_index == 0:
+            train, evaluation, stats = preparation.prepare_datasets(data_args, tokenizer, seed, paths.prepared, write=True)
+        else:
+            key = preparation.fingerprint(data_args, tokenizer, seed)
+            train, evaluation, stats = preparation.wait_for_cache(paths.prepared, key)
+    else:
+        with args.main_process_first(desc="dataset preparation"):
+            train, evaluation, stats = preparation.prepare_datasets(data_args, tokenizer, seed, paths.prepared,
+                                                                    write=write and args.process_index == 0)
     logger.info("sample 0 as trained ([[...]] = trained tokens):\n%s", pipeline.preview(train[0], tokenizer))
     return train, evaluation, stats
+
+
+def one_machine() -> bool:
+    """All ranks on this machine (torchrun / accelerate set LOCAL_WORLD_SIZE and WORLD_SIZE), so they share its disk."""
+    return os.environ.get("LOCAL_WORLD_SIZE", "1") == os.environ.get("WORLD_SIZE", "1")
 
 
 def generation_config(gen_args: GenerationArguments, tokenizer, formats: list[str]) -> transformers.GenerationConfig:
