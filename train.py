@@ -62,6 +62,11 @@ class ModelArguments:
         default=None, metadata={"help": "Tokenizer to use; None means the one in --model_name_or_path."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code shipped with the checkpoint."})
+    chat_template_jinja: Optional[str] = field(
+        default=None,
+        metadata={"help": "A Jinja chat template (a .jinja file's path, or the template text itself) used instead of "
+                  "the tokenizer's own by --dataset_format chat_template, and saved with the tokenizer."},
+    )
     attn_implementation: str = field(
         default="sdpa",
         metadata={
@@ -391,6 +396,11 @@ class TrainingArguments(transformers.TrainingArguments):
             "help": "Modules that get LoRA adapters: 'all' = every linear layer except the output head, or a comma "
             "list of module names (e.g. q_proj,v_proj)."
         },
+    )
+    lora_modules_to_save: Optional[str] = field(
+        default=None,
+        metadata={"help": "Comma list of modules trained in full beside LoRA and saved with the adapter (e.g. "
+                  "embed_tokens,lm_head; axolotl's lora_modules_to_save). New tokens add the embeddings by themselves."},
     )
     layers_to_freeze: Optional[int] = field(
         default=None,

@@ -2,12 +2,12 @@
 
     python scripts/benchmark_prepare.py [--records 50000 200000 500000] [--processes 2] [--code-dir DIR] [--keep]
 
-A tiny random Llama with the real gpt2 tokenizer (/work/shared/data/tokenizers/gpt2/tokenizer.json; the tiny bpe
+A tiny random Llama with the real gpt2 tokenizer (../shared/data/tokenizers/gpt2/tokenizer.json; the tiny bpe
 test tokenizer of finetune.tiny_model when that file is absent; the header says which), and N seeded
 "self-instruct-like long-tail" alpaca records ({"instruction", "input", "output"}, input present in 40 %): a
 record's token count is lognormal (sigma --sigma) with a mean of about --mean-tokens as the pipeline renders it
 (alpaca prompt, BOS/EOS included), capped below --model-max-len, and its text is random sentences of the alpaca files
-in /work/shared/data/alpaca (synthetic words when absent). The records of a smaller N are the first N of a larger.
+in ../shared/data/alpaca (synthetic words when absent). The records of a smaller N are the first N of a larger.
 Every N runs in a fresh process:
 
     python <code-dir>/train.py --model_name_or_path TINY --dataset FILE --dataset_format alpaca --prepare_only
@@ -41,8 +41,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GPT2_TOKENIZER = "/work/shared/data/tokenizers/gpt2/tokenizer.json"
-ALPACA_DIR = "/work/shared/data/alpaca"
+SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")  # ../shared/data next to the checkout
+GPT2_TOKENIZER = os.path.join(SHARED, "tokenizers", "gpt2", "tokenizer.json")
+ALPACA_DIR = os.path.join(SHARED, "alpaca")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 ALPACA_OVERHEAD_TEXT = (  # what the alpaca format adds around a record's fields (dataset_formats.alpaca_segments)
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -62,7 +63,7 @@ def make_model(out_dir: str) -> tuple[str, str]:
     from finetune.tiny_model import build_model, make_tiny_model
 
     if not os.path.isfile(GPT2_TOKENIZER):
-        print(f"{GPT2_TOKENIZER} is absent (no /work/shared?): using the tiny bpe test tokenizer instead")
+        print(f"{GPT2_TOKENIZER} is absent (no ../shared?): using the tiny bpe test tokenizer instead")
         return make_tiny_model(out_dir, tokenizer_kind="bpe", hidden=64, layers=2), "tiny bpe (finetune.tiny_model)"
     from transformers import PreTrainedTokenizerFast
 

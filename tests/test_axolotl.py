@@ -210,3 +210,29 @@ def test_unknown_keys_of_a_dataset_entry_name_the_closest(tmp_path, alpaca_file)
     (tmp_path / "typo.yml").write_text(yaml.safe_dump(settings))
     with pytest.raises(train.UsageError, match=r"unknown key datasets\[0\].feild_messages \(did you mean field_messages\?\)"):
         train.parse_arguments([str(tmp_path / "typo.yml")])
+
+
+def test_chat_template_jinja_and_lora_modules_to_save_map_and_take_effect(tmp_path, tiny_model, alpaca_file):
+    from conftest import build_stages
+
+    from finetune.modeling.tokenizer import load_tokenizer
+
+    template = open(os.path.join(ROOT, "tests", "templates", "qwen2.5-instruct.jinja"), encoding="utf-8").read()
+    config = localized(tmp_path, "instruct-lora-8b", "m", alpaca_file, chat_template="jinja",
+                       chat_template_jinja=template, lora_modules_to_save=["embed_tokens", "lm_head"])
+    model_args, data_args, args, _ = train.parse_arguments([config])
+    assert model_args.chat_template_jinja == template and data_args.dataset_format == ["chat_template"]
+    assert args.lora_modules_to_save == "embed_tokens,lm_head"
+    for value in (template, os.path.join(ROOT, "tests", "templates", "qwen2.5-instruct.jinja")):  # text or a file
+        model_args.model_name_or_path, model_args.chat_template_jinja = tiny_model, value
+        assert load_tokenizer(model_args, data_args).chat_template == template
+    model_args.chat_template_jinja = "no-such-template.jinja"
+    with pytest.raises(train.UsageError, match=r"--chat_template_jinja no-such-template.jinja: neither a file"):
+        load_tokenizer(model_args, data_args)
+    built = build_stages(tiny_model, alpaca_file, tmp_path / "o", "--dataset_format", "alpaca", "--bits", "32",
+                         "--lora_modules_to_save", "lm_head", "--save_strategy", "no")
+    trained = [name for name, p in built.model.named_parameters() if p.requires_grad]
+    assert any("lm_head.modules_to_save" in name for name in trained) and any("lora_A" in name for name in trained)
+    with pytest.raises(train.UsageError, match=r"--lora_modules_to_save lm_haed: the model has no module of that name \(did you mean lm_head\?\)"):
+        build_stages(tiny_model, alpaca_file, tmp_path / "o2", "--dataset_format", "alpaca", "--bits", "32",
+                     "--lora_modules_to_save", "lm_haed")

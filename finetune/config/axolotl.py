@@ -24,6 +24,7 @@ RENAMED = {
     "num_epochs": "num_train_epochs", "optimizer": "optim", "lr_scheduler": "lr_scheduler_type",
     "val_set_size": "eval_dataset_size", "train_on_inputs": "train_on_source", "lora_target_modules": "lora_modules",
     "wandb_name": "run_name", "gradient_checkpointing": "activation_checkpointing",
+    "lora_modules_to_save": "lora_modules_to_save",
 }
 SAME = {
     "lora_r", "lora_alpha", "lora_dropout", "sample_packing", "eval_sample_packing", "gradient_accumulation_steps",
@@ -32,6 +33,7 @@ SAME = {
     "save_steps", "save_total_limit", "output_dir", "dataset_prepared_path", "dataset_processes", "group_by_length",
     "resume_from_checkpoint", "loss_watchdog_threshold", "loss_watchdog_patience", "neftune_noise_alpha", "deepspeed",
     "fsdp", "fsdp_config", "seed", "hub_model_id", "torch_compile", "dataset_exact_deduplication",
+    "chat_template_jinja",
 }
 # read by the translation of other keys (the README's table says what each becomes)
 CONSUMED = {
@@ -46,8 +48,8 @@ CONSUMED = {
     "evals_per_epoch": "--eval_steps 1/(N x num_epochs) --eval_strategy steps",
     "saves_per_epoch": "--save_steps 1/(N x num_epochs) --save_strategy steps",
     "special_tokens": "--pad_token / --bos_token / --eos_token / --unk_token",
-    "chat_template": "tokenizer_default: --dataset_format chat_template; chatml: chatml; llama2: llama2_chat "
-                     "(other named templates refused)",
+    "chat_template": "tokenizer_default: --dataset_format chat_template; jinja: the same with chat_template_jinja; "
+                     "chatml: chatml; llama2: llama2_chat (other named templates refused)",
     "datasets": "--dataset / --dataset_format (type), --custom_* (a user-defined type), --roles_to_train",
     "shuffle_merged_datasets": "always: several datasets are trained shuffled together",
     "overrides_of_model_config": "rope_scaling -> --rope_scaling_type / --rope_scaling_factor",
@@ -60,9 +62,7 @@ WANDB_ENV = {"wandb_project": "WANDB_PROJECT", "wandb_entity": "WANDB_ENTITY", "
              "wandb_watch": "WANDB_WATCH", "wandb_log_model": "WANDB_LOG_MODEL"}
 NOT_IMPLEMENTED = {
     "lora_model_dir": "starting from a saved adapter",
-    "lora_modules_to_save": "training embed_tokens / lm_head in full beside LoRA",
     "tokens": "adding tokens to the vocabulary",
-    "chat_template_jinja": "a chat template given in the config",
     "default_system_message": "a default system prompt for chat records",
     "early_stopping_patience": "early stopping",
     "test_datasets": "separate eval datasets (use val_set_size)",
@@ -84,7 +84,8 @@ DATASET_KEYS = {
 }
 # axolotl dataset types -> our format names (registered names such as context_qa.load_v2 are taken as they are)
 DATASET_TYPES = {"input_output": "input-output", "alpaca_chat.load_qa": "alpaca_chat.load_qa"}
-CHAT_TEMPLATES = {"tokenizer_default": "chat_template", "chatml": "chatml", "llama2": "llama2_chat"}
+CHAT_TEMPLATES = {"tokenizer_default": "chat_template", "jinja": "chat_template", "chatml": "chatml",
+                  "llama2": "llama2_chat"}
 MARKERS = {"base_model", "micro_batch_size", "sequence_len", "num_epochs", "adapter", "lora_target_linear",
            "load_in_4bit", "load_in_8bit", "val_set_size", "lr_scheduler", "optimizer", "special_tokens"}
 
@@ -108,8 +109,8 @@ def translate(path: str, config: dict, known_flags: set[str]) -> dict:
         raise UsageError(f"axolotl config {path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}")
     out: dict = {key: value for key, value in given.items() if key in known_flags and key not in known}
     for key, value in given.items():
-        if key == "lora_target_modules":
-            out["lora_modules"] = ",".join(value) if isinstance(value, list) else str(value)
+        if key in ("lora_target_modules", "lora_modules_to_save"):
+            out[RENAMED.get(key, key)] = ",".join(value) if isinstance(value, list) else str(value)
         elif key in RENAMED:
             out[RENAMED[key]] = value
         elif key in SAME:
@@ -259,7 +260,9 @@ def dataset_flags(path: str, config: dict) -> tuple[dict, list[str]]:
         elif kind == "chat_template":
             if template not in CHAT_TEMPLATES:
                 refused.append(f"chat_template: {template} (a named template; use tokenizer_default for the model's "
-                               "own, or chatml)")
+                               "own, jinja with chat_template_jinja, or chatml)")
+            if template == "jinja" and not config.get("chat_template_jinja"):
+                refused.append("chat_template: jinja without chat_template_jinja (give the template's text)")
             kind = CHAT_TEMPLATES.get(template, "chat_template")
             refused += chat_dataset_refusals(spot, entry)
             if entry.get("roles_to_train"):

@@ -3,6 +3,7 @@ preparation, activation checkpointing with adapters, and embeddings trained in f
 
 from __future__ import annotations
 
+import difflib
 import logging
 from typing import TYPE_CHECKING
 
@@ -42,7 +43,7 @@ def add_adapters(model, args: TrainingArguments, new_tokens: bool):
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules=targets,
-        modules_to_save=embedding_modules(model) if new_tokens else None,
+        modules_to_save=modules_to_save(model, args.lora_modules_to_save, new_tokens),
         task_type="CAUSAL_LM",
         **layer_limits,
     )
@@ -50,6 +51,22 @@ def add_adapters(model, args: TrainingArguments, new_tokens: bool):
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("LoRA on %s: %d trainable of %d parameters (%.2f%%)", targets, trainable, total, 100 * trainable / total)
     return model
+
+
+def modules_to_save(model, spec: str | None, new_tokens: bool) -> list[str] | None:
+    """Modules trained in full beside LoRA: --lora_modules_to_save, plus the embeddings when tokens were added."""
+    names = list(embedding_modules(model)) if new_tokens else []
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for name in (part.strip() for part in (spec or "").split(",")):
+        if not name:
+            continue
+        if name not in leaf_names:
+            close = difflib.get_close_matches(name, sorted(leaf_names), n=1)
+            raise UsageError(f"--lora_modules_to_save {name}: the model has no module of that name"
+                             f"{f' (did you mean {close[0]}?)' if close else ''}")
+        if name not in names:
+            names.append(name)
+    return names or None
 
 
 def lora_target_list(model, spec: str) -> list[str]:

@@ -24,6 +24,16 @@ LLAMA1_PATCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
                                 "llama-1-patch")
 
 
+def read_template(value: str) -> str:
+    """--chat_template_jinja: a file's path, or the template text (anything with a Jinja tag is taken as text)."""
+    if "{%" in value or "{{" in value:
+        return value
+    if not os.path.isfile(value):
+        raise UsageError(f"--chat_template_jinja {value}: neither a file nor a Jinja template (no {{% or {{{{ in it)")
+    with open(value, encoding="utf-8") as handle:
+        return handle.read()
+
+
 def load_tokenizer(model_args: ModelArguments, data_args: DataArguments):
     source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     try:
@@ -54,6 +64,9 @@ def load_tokenizer(model_args: ModelArguments, data_args: DataArguments):
         logger.info("--dataset_format %s needs %s: added to the vocabulary", " ".join(formats), layout_tokens)
     if tokenizer.eos_token_id is None:
         raise UsageError("the tokenizer has no EOS token, so models could never learn to stop; pass --eos_token")
+    if model_args.chat_template_jinja:
+        tokenizer.chat_template = read_template(model_args.chat_template_jinja)
+        logger.info("chat template from --chat_template_jinja replaces the tokenizer's own")
     if "chat_template" in formats and not tokenizer.chat_template:
         raise UsageError("--dataset_format chat_template renders with the tokenizer's own chat template, and this "
                          "tokenizer has none; pick a layout format (chatml, llama2_chat, vicuna, sharegpt)")
