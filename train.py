@@ -222,6 +222,12 @@ class DataArguments:
             "choices": ["system", "user", "assistant", "tool"],
         },
     )
+    default_system_prompt: Optional[str] = field(
+        default=None,
+        metadata={"help": "Conversation formats: a system turn with this text is put first in every conversation that "
+                  "has none (axolotl's default_system_message); it replaces a format's own default (airoboros, "
+                  "vicuna). Masked like any system turn."},
+    )
     train_on_reasoning: bool = field(
         default=True,
         metadata={

@@ -52,6 +52,8 @@ BAD_FLAGS = [
     (["--report_to", "tensorbord"], "--report_to tensorbord: not a logger transformers knows (did you mean tensorboard?)"),
     (["--report_to", "mlflow"], "--report_to mlflow: its package is not installed here; pip install mlflow"),
     (["--env_file", "missing.env"], "--env_file missing.env: file not found"),
+    (["--default_system_prompt", "Be kind.", "--dataset_format", "alpaca"],
+     "--default_system_prompt applies to conversation formats (chatml, chat_template, sharegpt, ...), not to alpaca"),
     (["--bf16", "--fp16"], "At most one of fp16 and bf16"),
     (["--full_finetune", "--bits", "16"], "--merged_output_dir merges an adapter"),
     (["--lora_modulez", "all"], "unknown flag --lora_modulez; did you mean --lora_modules?"),

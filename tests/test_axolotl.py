@@ -219,8 +219,10 @@ def test_chat_template_jinja_and_lora_modules_to_save_map_and_take_effect(tmp_pa
 
     template = open(os.path.join(ROOT, "tests", "templates", "qwen2.5-instruct.jinja"), encoding="utf-8").read()
     config = localized(tmp_path, "instruct-lora-8b", "m", alpaca_file, chat_template="jinja",
-                       chat_template_jinja=template, lora_modules_to_save=["embed_tokens", "lm_head"])
+                       chat_template_jinja=template, lora_modules_to_save=["embed_tokens", "lm_head"],
+                       default_system_message="You are kind.")
     model_args, data_args, args, _ = train.parse_arguments([config])
+    assert data_args.default_system_prompt == "You are kind."
     assert model_args.chat_template_jinja == template and data_args.dataset_format == ["chat_template"]
     assert args.lora_modules_to_save == "embed_tokens,lm_head"
     for value in (template, os.path.join(ROOT, "tests", "templates", "qwen2.5-instruct.jinja")):  # text or a file

@@ -522,3 +522,23 @@ def test_custom_format_from_flags():
         render({"q": "Hi"})
     defaults = get_format("custom", SimpleNamespace())
     assert render_segments(defaults({"instruction": "Hi", "output": "Yo"})) == "<s>Hi [[Yo]]</s>"
+
+
+def test_default_system_prompt_fills_conversations_without_one_and_is_masked(tiny_tokenizer):
+    import train
+    from finetune.data import pipeline as data
+
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    own = {"messages": [{"role": "system", "content": "Be terse."}, *chat["messages"]]}
+    sharegpt = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    args = train.DataArguments(dataset=["x.jsonl"], dataset_format=["llama2_chat", "sharegpt"], default_system_prompt="You are kind.")
+    records = [data.Record(chat, "x:1", "llama2_chat"), data.Record(own, "x:2", "llama2_chat"),
+               data.Record(sharegpt, "x:3", "sharegpt")]
+    samples, _ = data.tokenize_records(records, tiny_tokenizer, args)
+    texts = [tiny_tokenizer.decode(s["input_ids"]) for s in samples]
+    assert "You are kind." in texts[0] and "You are kind." not in texts[1] and "Be terse." in texts[1]
+    assert "You are kind." in texts[2]
+    trained = tiny_tokenizer.decode([t for t in samples[0]["labels"] if t != -100])
+    assert "kind" not in trained and "Hello" in trained
+    plain, _ = data.tokenize_records(records[:1], tiny_tokenizer, train.DataArguments(dataset=["x.jsonl"], dataset_format=["llama2_chat"]))
+    assert "You are kind." not in tiny_tokenizer.decode(plain[0]["input_ids"])

@@ -24,7 +24,7 @@ RENAMED = {
     "num_epochs": "num_train_epochs", "optimizer": "optim", "lr_scheduler": "lr_scheduler_type",
     "val_set_size": "eval_dataset_size", "train_on_inputs": "train_on_source", "lora_target_modules": "lora_modules",
     "wandb_name": "run_name", "gradient_checkpointing": "activation_checkpointing",
-    "lora_modules_to_save": "lora_modules_to_save",
+    "lora_modules_to_save": "lora_modules_to_save", "default_system_message": "default_system_prompt",
 }
 SAME = {
     "lora_r", "lora_alpha", "lora_dropout", "sample_packing", "eval_sample_packing", "gradient_accumulation_steps",
@@ -63,7 +63,6 @@ WANDB_ENV = {"wandb_project": "WANDB_PROJECT", "wandb_entity": "WANDB_ENTITY", "
 NOT_IMPLEMENTED = {
     "lora_model_dir": "starting from a saved adapter",
     "tokens": "adding tokens to the vocabulary",
-    "default_system_message": "a default system prompt for chat records",
     "early_stopping_patience": "early stopping",
     "test_datasets": "separate eval datasets (use val_set_size)",
 }

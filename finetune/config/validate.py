@@ -96,6 +96,11 @@ def check_turn_options(data_args) -> None:
     turn_formats = ("chatml", "chat_template")
     others = [name for name in data_args.dataset_format
               if FORMAT_INFO[name].chat_layout and name not in turn_formats]
+    conversations = [name for name in data_args.dataset_format if FORMAT_INFO[name].chat_layout or name == "chat_template"]
+    if data_args.default_system_prompt and not conversations:
+        raise UsageError(f"--default_system_prompt applies to conversation formats (chatml, chat_template, sharegpt, "
+                         f"...), not to {', '.join(sorted(set(data_args.dataset_format)))}; drop it, or use "
+                         "--custom_system_prompt with --dataset_format custom")
     for flag, changed in (("--roles_to_train", list(data_args.roles_to_train) != ["assistant"]),
                           ("--train_on_reasoning false", not data_args.train_on_reasoning)):
         if changed and others:

@@ -33,7 +33,7 @@ from dataset_formats import (
     response,
     special_ids,
 )
-from finetune.data.conversations import reasoning_count, tool_counts
+from finetune.data.conversations import CONVERSATION_FIELDS, reasoning_count, tool_counts
 from finetune.data.packing import PackedCollator, padded_length
 
 if TYPE_CHECKING:
@@ -434,12 +434,30 @@ def encode_record(record: dict, format_name: str, tokenizer, data_args: DataArgu
     if format_name == "pretokenized":
         ids, labels = pretokenized_sample(record, len(tokenizer))
         return [(ids, list(ids) if data_args.train_on_source else labels, 0)], ""
+    if data_args.default_system_prompt and (FORMAT_INFO[format_name].chat_layout or format_name == "chat_template"):
+        record = with_default_system(record, data_args.default_system_prompt)
     rendered = get_format(format_name, options)(record)
     if data_args.include_sources and format_name == "airoboros" and record.get("source"):
         rendered = with_source(rendered, str(record["source"]))
     samples = rendered if isinstance(rendered, Samples) else [rendered]
     encoded = [encode_segments(segments, tokenizer, train_on_source=data_args.train_on_source) for segments in samples]
     return [(e.input_ids, e.labels, e.boundary_merges) for e in encoded], getattr(rendered, "strategy", "")
+
+
+def with_default_system(record: dict, prompt: str) -> dict:
+    """The record with a system turn first (in its own message style: role/content or from/value) if it has none."""
+    for name in CONVERSATION_FIELDS:
+        turns = record.get(name)
+        if isinstance(turns, list) and turns and isinstance(turns[0], dict):
+            first = turns[0]
+            if "from" in first and "role" not in first:
+                if first["from"] == "system":
+                    return record
+                return {**record, name: [{"from": "system", "value": prompt}, *turns]}
+            if first.get("role") == "system":
+                return record
+            return {**record, name: [{"role": "system", "content": prompt}, *turns]}
+    return record
 
 
 def with_source(segments, source: str):

@@ -79,6 +79,7 @@ def fingerprint(data_args: DataArguments, tokenizer, seed: int) -> str:
         "train_on_source": data_args.train_on_source,
         "roles_to_train": list(data_args.roles_to_train),
         "train_on_reasoning": data_args.train_on_reasoning,
+        "default_system_prompt": data_args.default_system_prompt,
         "include_sources": data_args.include_sources,
         "dataset_text_field": data_args.dataset_text_field,
         "sample_packing": [data_args.sample_packing, data_args.eval_sample_packing],
