@@ -20,6 +20,7 @@ in the `finetune` package (see ARCHITECTURE.md).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -408,6 +409,50 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "Comma list of modules trained in full beside LoRA and saved with the adapter (e.g. "
                   "embed_tokens,lm_head; axolotl's lora_modules_to_save). New tokens add the embeddings by themselves."},
     )
+    use_dora: bool = field(
+        default=False,
+        metadata={"help": "DoRA: each adapted weight is trained as a magnitude vector (one per output row) times a "
+                  "direction that LoRA updates (peft's use_dora; slower steps). Merged exactly."},
+    )
+    use_rslora: bool = field(
+        default=False, metadata={"help": "rsLoRA: updates scaled by alpha/sqrt(r) instead of alpha/r, so high ranks "
+                                 "still learn (peft's use_rslora)."},
+    )
+    init_lora_weights: str = field(
+        default="default",
+        metadata={
+            "help": "How the adapters start. default: A random (Kaiming), B zero, so training starts at the base "
+            "model; gaussian: A ~ N(0, 1/r). pissa / olora: A and B from each weight's top singular vectors (SVD) / "
+            "its QR decomposition and the base keeps the residual, so training starts at the base model too; --bits "
+            "16 or 32 only. The saved adapter is converted to a plain LoRA (rank 2r) on the original base, so it "
+            "merges and loads like any other. loftq: --bits 4 only: A and B make the 4-bit base + adapter "
+            "approximate the 16-bit base; merged into the 4-bit weights (needs --merge_base nf4_roundtrip).",
+            "choices": ["default", "gaussian", "pissa", "olora", "loftq"],
+        },
+    )
+    loraplus_lr_ratio: Optional[float] = field(
+        default=None,
+        metadata={"help": "LoRA+: the B matrices learn at this multiple of --learning_rate (the paper uses 16; > 1); "
+                  "everything else at --learning_rate, with the same schedule. None: off."},
+    )
+    lora_model_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Continue training a saved LoRA adapter (a run's --output_dir or a checkpoint-N in it; "
+                  "llama-recipes' from_peft_checkpoint, axolotl's lora_model_dir) instead of new ones: its rank, "
+                  "alpha, targets and variant are used (LoRA flags left at their defaults). Optimizer and step "
+                  "count start fresh; to resume an interrupted run, re-run its command instead."},
+    )
+    peft_method: str = field(
+        default="lora",
+        metadata={"help": "Adapter kind: lora (LoRA / QLoRA with the options above) or llama_adapter (LLaMA-Adapter: "
+                  "--llama_adapter_len learned prompt vectors, zero-gated, in the top --llama_adapter_layers attention "
+                  "layers; llama and mistral models; cannot be merged). llama-recipes' --peft_method.",
+                  "choices": ["lora", "llama_adapter"]},
+    )
+    llama_adapter_len: int = field(default=10, metadata={"help": "llama_adapter: prompt vectors per layer (> 0)."})
+    llama_adapter_layers: int = field(
+        default=30, metadata={"help": "llama_adapter: adapted layers, from the top (> 0; at most the model's layers)."}
+    )
     layers_to_freeze: Optional[int] = field(
         default=None,
         metadata={
@@ -543,6 +588,13 @@ class TrainingArguments(transformers.TrainingArguments):
                 f"--neftune_noise_alpha must be > 0 (got {self.neftune_noise_alpha}); drop it to train without noise")
         require(self.merge_verify_samples >= 0,
                 f"--merge_verify_samples must be >= 0 (got {self.merge_verify_samples}); 0 skips the check")
+        require(self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 1,
+                f"--loraplus_lr_ratio must be > 1 (got {self.loraplus_lr_ratio}); drop it to train A and B alike")
+        require(self.llama_adapter_len > 0 and self.llama_adapter_layers > 0,
+                "--llama_adapter_len and --llama_adapter_layers must be > 0")
+        require(self.lora_model_dir is None or os.path.isfile(os.path.join(self.lora_model_dir, "adapter_config.json")),
+                f"--lora_model_dir {self.lora_model_dir}: no adapter_config.json there; pass the directory a LoRA run "
+                "saved its adapter to (its --output_dir) or one of its checkpoint-N directories")
         require(self.cross_entropy_chunk_size > 0,
                 f"--cross_entropy_chunk_size must be > 0 (got {self.cross_entropy_chunk_size})")
         require(self.eval_generation_samples >= 0,

@@ -50,6 +50,11 @@ class RunPaths:
     def merge_is_missing(self) -> bool:
         return bool(self.merged) and not os.path.isfile(os.path.join(self.merged, "config.json"))
 
+    @property
+    def initial_adapter(self) -> str:
+        """--init_lora_weights pissa/olora: the adapter as initialised (the saved adapter is converted against it)."""
+        return os.path.join(self.working, "initial_adapter")
+
     def staging(self) -> str:
         """Where the final save is written before its files are renamed into --output_dir (one per launch)."""
         return os.path.join(self.final, f".final-tmp-{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}")

@@ -64,10 +64,10 @@ SINGLE = [sys.executable]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
 
 
-# full fine-tuning on one process is the torchrun case without DDP; the three below cover adapters and full
-# weights, one process and two
-@pytest.mark.parametrize(("full", "launcher"), [(False, SINGLE), (False, TORCHRUN), (True, TORCHRUN)],
-                         ids=["lora", "lora-torchrun2", "full-torchrun2"])
+# adapters on one process, full weights on two (DDP): what is saved and restored differs between adapters and full
+# weights, and between one rank and several (per-rank RNG states, the sampler's position); adapters under DDP
+# combine the two and cost a minute more of the suite, so they are left to these two
+@pytest.mark.parametrize(("full", "launcher"), [(False, SINGLE), (True, TORCHRUN)], ids=["lora", "full-torchrun2"])
 def test_kill_9_then_rerun_ends_with_the_uninterrupted_weights(tmp_path, tiny_model, full, launcher):
     data_file = write_jsonl(tmp_path / "data.jsonl", instructions(48))
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"

@@ -212,6 +212,8 @@ def test_preemption_signal_saves_a_checkpoint_at_a_step_boundary_and_the_run_res
     assert not (out / "completed").exists() and not (out / "adapter_model.safetensors").exists()
     saved = [int(p.parent.name.split("-")[1]) for p in out.glob("checkpoint-*/trainer_state.json")]
     assert len(saved) == 1 and 0 < saved[0] < 300  # one checkpoint, where the signal arrived (save_steps is 1000)
+    if sig == signal.SIGINT:
+        return  # the same checkpoint as SIGTERM's; resuming from it is checked once, below
     resumed = run(command, cwd=str(tmp_path))
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert f"resuming from {out}/checkpoint-{saved[0]}" in resumed.output

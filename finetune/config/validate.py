@@ -130,14 +130,57 @@ def check_merge_arguments(model_args: ModelArguments, args: TrainingArguments) -
 
 def check_mode_flags(args: TrainingArguments) -> None:
     """Flags of a mode the run is not in would be silently ignored: set away from their defaults, they are refused."""
-    lora = non_default(args, ("lora_r", "lora_alpha", "lora_dropout", "lora_modules")) if args.full_finetune else []
+    lora = non_default(args, ADAPTER_FLAGS + LORA_SHAPE_FLAGS) if args.full_finetune else []
     if lora:
-        raise UsageError(f"{', '.join(lora)}: LoRA settings, but --full_finetune trains no adapter; drop them or drop "
-                         "--full_finetune")
+        raise UsageError(f"{', '.join(lora)}: adapter settings, but --full_finetune trains no adapter; drop them or "
+                         "drop --full_finetune")
+    if not args.full_finetune:
+        check_adapter_flags(args)
     quantization = non_default(args, ("quant_type", "quant_storage")) if args.bits != 4 else []
     if quantization:
         raise UsageError(f"{', '.join(quantization)} only apply to --bits 4 (got --bits {args.bits}); drop them or "
                          "pass --bits 4")
+
+
+ADAPTER_FLAGS = ("use_dora", "use_rslora", "init_lora_weights", "loraplus_lr_ratio", "lora_model_dir", "peft_method",
+                 "lora_modules_to_save")
+LORA_SHAPE_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_modules")
+
+
+def check_adapter_flags(args: TrainingArguments) -> None:
+    """The LoRA variants against each other, the precision and the merge."""
+    if args.peft_method == "llama_adapter":
+        lora = non_default(args, tuple(f for f in ADAPTER_FLAGS if f != "peft_method") + LORA_SHAPE_FLAGS)
+        if lora:
+            raise UsageError(f"{', '.join(lora)}: LoRA settings, but --peft_method llama_adapter trains no LoRA; drop "
+                             "them or use --peft_method lora")
+        if args.merged_output_dir:
+            raise UsageError("--merged_output_dir: a llama_adapter (adaption prompts with gates) cannot be merged into "
+                             "the base weights; drop --merged_output_dir (load the adapter with peft on its base)")
+    else:
+        non_lora = non_default(args, ("llama_adapter_len", "llama_adapter_layers"))
+        if non_lora:
+            raise UsageError(f"{', '.join(non_lora)} only apply to --peft_method llama_adapter; drop them or add it")
+    init = args.init_lora_weights
+    if init in ("pissa", "olora") and args.bits in (4, 8):
+        raise UsageError(f"--init_lora_weights {init} moves part of each weight into the adapter; with --bits "
+                         f"{args.bits} the rest would be quantized, so no merge could reproduce what was trained. "
+                         "Use --bits 16 or 32, or --init_lora_weights loftq for a 4-bit base")
+    if init == "loftq" and args.bits != 4:
+        raise UsageError(f"--init_lora_weights loftq fits the adapter to a 4-bit base's quantization error; it needs "
+                         f"--bits 4 (got {args.bits})")
+    if init == "loftq" and args.merged_output_dir and args.merge_base != "nf4_roundtrip":
+        raise UsageError("--init_lora_weights loftq: the adapter corrects the 4-bit weights, so merged into the 16-bit "
+                         "ones it would add the quantization error back; pass --merge_base nf4_roundtrip")
+    if args.lora_model_dir:
+        own = non_default(args, ("use_dora", "use_rslora", "init_lora_weights") + LORA_SHAPE_FLAGS)
+        if own:
+            raise UsageError(f"{', '.join(own)}: --lora_model_dir {args.lora_model_dir} continues that adapter with "
+                             "its own settings; drop these flags (or drop --lora_model_dir to start new adapters)")
+        if os.path.realpath(args.lora_model_dir) == os.path.realpath(args.output_dir):
+            raise UsageError(f"--lora_model_dir {args.lora_model_dir} is --output_dir: the run would overwrite the "
+                             "adapter it starts from; pick another --output_dir (or re-run that run's command to "
+                             "resume it)")
 
 
 def check_training_knobs(data_args: DataArguments, args: TrainingArguments) -> None:

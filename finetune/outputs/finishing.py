@@ -13,6 +13,7 @@ import transformers
 
 from finetune.config.precision import Precision
 from finetune.modeling import knobs
+from finetune.modeling.adapters import MUTATED_INITS, convert_mutated_adapter
 from finetune.modeling.tokenizer import load_tokenizer
 from finetune.outputs import hub, inference, merging, reporting
 from finetune.runtime import without_zero3_init
@@ -36,6 +37,8 @@ def save_final(trainer, args: TrainingArguments, paths: RunPaths, tokenizer, gen
         gen_config.save_pretrained(staging)
         if not args.full_finetune:
             base_loading(args).save(staging)  # a later merge re-creates the weights the adapter trained against
+        if args.init_lora_weights in MUTATED_INITS and not args.lora_model_dir:
+            convert_mutated_adapter(staging, paths.initial_adapter)
         for name in os.listdir(staging):
             target = os.path.join(paths.final, name)
             if os.path.isdir(target) and not os.path.islink(target):

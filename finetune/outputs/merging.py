@@ -5,7 +5,8 @@ and two callers share it: the merge at the end of a training run and `train.py -
 
 How (`merge_adapter`): the base checkpoint's shards are read tensor by tensor with plain file reads (safetensors'
 `safe_open` maps the whole shard, and every page it touches counts towards the process's memory until the shard is
-closed). Each LoRA target gets `W + scale * B @ A` computed in fp32; modules_to_save (embeddings and output head
+closed). Each LoRA target gets `W + scale * B @ A` computed in fp32 (DoRA: each output row then rescaled to its
+trained magnitude, as peft merges it); modules_to_save (embeddings and output head
 trained in full, e.g. after new tokens resized the vocabulary) replace their base tensors; everything is cast to the
 requested dtype and streamed into output shards named and laid out like the base's, then the index, config.json
 (dtype, vocab_size, tying), tokenizer (with its chat template) and generation config. Peak memory is a few copies of
@@ -40,6 +41,12 @@ import torch
 
 from finetune.config.precision import bitsandbytes_config
 from finetune.fileio import free_bytes, nearest_existing_dir
+from finetune.modeling.checkpoint_files import (
+    SAFETENSORS_NAMES,
+    MergeError,
+    TensorFile,
+    base_checkpoint_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +55,9 @@ QUANTIZATION_RECORD = "base_quantization.json"
 VERIFICATION_FILE = "merge_verification.json"
 VERIFY_MAX_TOKENS = 512  # each verification sample is cut to this many tokens
 PEFT_PREFIX = "base_model.model."
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 # LoRA config fields whose non-default values change what merging means; none of them is used by train.py
 UNSUPPORTED_LORA_OPTIONS = {
-    "use_dora": "DoRA", "lora_bias": "LoRA bias", "layer_replication": "layer replication",
+    "lora_bias": "LoRA bias", "layer_replication": "layer replication",
     "target_parameters": "LoRA on raw parameters", "trainable_token_indices": "trainable tokens",
     "alora_invocation_tokens": "activated LoRA", "use_qalora": "QA-LoRA", "use_bdlora": "BD-LoRA",
 }
@@ -67,10 +68,6 @@ VERIFICATION_TEXTS = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
     "Numbers 0 1 2 3 4 5 6 7 8 9 10 11 12: count them, then explain your answer because it matters.",
 )
-
-
-class MergeError(Exception):
-    """The adapter, the base or the output directory cannot be merged as asked; the message says what to change."""
 
 
 @dataclass
@@ -107,54 +104,6 @@ class BaseLoading:
 # --- reading and writing checkpoints one tensor at a time ---------------------------------------------------------------
 
 
-class TensorFile:
-    """One checkpoint file read tensor by tensor: safetensors by plain reads at the header's offsets (nothing
-    mapped, so memory holds only the tensor asked for), or a torch .bin through torch.load(mmap=True)."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        self.legacy: Optional[dict] = None
-        if path.endswith(".safetensors"):
-            with open(path, "rb") as handle:
-                (length,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(length))
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                if info["dtype"] not in SAFETENSORS_DTYPES:
-                    raise MergeError(f"{path}: tensor {name} has dtype {info['dtype']}, which cannot be merged")
-                begin, end = info["data_offsets"]
-                self.entries[name] = (SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + length + begin, end - begin)
-        else:
-            try:
-                self.legacy = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            except RuntimeError as error:
-                raise MergeError(f"{path} cannot be read tensor by tensor ({error}); re-save the base with "
-                                 "save_pretrained (safetensors) and merge into that") from error
-            for name, tensor in self.legacy.items():
-                self.entries[name] = (tensor.dtype, tuple(tensor.shape), 0, 0)
-        # the order on disk, so reads go forward through the file
-        self.names = sorted(self.entries, key=lambda name: self.entries[name][2])
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.entries[name][0]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.entries[name][1]
-
-    def read(self, name: str) -> torch.Tensor:
-        if self.legacy is not None:
-            return self.legacy[name].clone()
-        dtype, shape, offset, size = self.entries[name]
-        tensor = torch.empty(shape, dtype=dtype)
-        with open(self.path, "rb") as handle:
-            handle.seek(offset)
-            if size and handle.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != size:
-                raise MergeError(f"{self.path}: tensor {name} is truncated; the file is damaged")
-        return tensor
-
-
 def write_safetensors(path: str, tensors: list[tuple[str, torch.dtype, tuple[int, ...]]],
                       produce: Callable[[str], torch.Tensor]) -> int:
     """Write a safetensors file whose tensors are produced one at a time: the header (names, dtypes, shapes and
@@ -176,29 +125,6 @@ def write_safetensors(path: str, tensors: list[tuple[str, torch.dtype, tuple[int
             handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
             del tensor
     return offset
-
-
-def base_checkpoint_files(base_dir: str) -> list[tuple[str, str]]:
-    """(source path, merged file name) per shard, in the base's own layout; .bin shards become .safetensors."""
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        index = os.path.join(base_dir, index_name)
-        if os.path.isfile(index):
-            with open(index) as handle:
-                files = sorted(set(json.load(handle)["weight_map"].values()))
-        elif os.path.isfile(os.path.join(base_dir, single)):
-            files = [single]
-        else:
-            continue
-        return [(os.path.join(base_dir, name), safetensors_name(name)) for name in files]
-    raise MergeError(f"{base_dir} has no model.safetensors or pytorch_model.bin (nor their .index.json); "
-                     "pass the base model directory the adapter was trained on")
-
-
-def safetensors_name(name: str) -> str:
-    if name.endswith(".safetensors"):
-        return name
-    return re.sub(r"^pytorch_model", "model", name).removesuffix(".bin") + ".safetensors"
 
 
 def resolve_base(base: str) -> str:
@@ -226,6 +152,7 @@ class LoraPair:
     b_key: str
     scale: float
     transpose: bool  # fan_in_fan_out layers (Conv1D) and embeddings store the delta transposed
+    magnitude_key: Optional[str] = None  # DoRA: the trained norm of each output row
 
 
 @dataclass
@@ -257,9 +184,12 @@ def read_adapter(adapter_dir: str) -> Adapter:
     for key in adapter.file.names:
         name = key.removeprefix(PEFT_PREFIX)
         linear = re.fullmatch(r"(.+)\.lora_([AB])\.weight", name)
+        magnitude = re.fullmatch(r"(.+)\.lora_magnitude_vector(?:\.weight)?", name)
         embedding = re.fullmatch(r"(.+)\.lora_embedding_([AB])", name)
         kept = re.fullmatch(r"(.+)\.modules_to_save\.(.+)", name)
-        if linear or embedding:
+        if magnitude:
+            pairs.setdefault(magnitude.group(1), {"embedding": False})["magnitude"] = key
+        elif linear or embedding:
             module, side = (linear or embedding).groups()
             pairs.setdefault(module, {"embedding": bool(embedding)})[side] = key
         elif kept:
@@ -289,7 +219,14 @@ def read_adapter(adapter_dir: str) -> Adapter:
                                                    config["lora_alpha"])
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         transpose = sides["embedding"] or bool(config.get("fan_in_fan_out"))
-        adapter.lora[f"{module}.weight"] = LoraPair(sides["A"], sides["B"], scale, transpose)
+        if "magnitude" in sides and (sides["embedding"] or not config.get("use_dora")):
+            raise MergeError(f"{adapter_dir}: {module} has a DoRA magnitude vector on "
+                             f"{'an embedding' if sides['embedding'] else 'an adapter without use_dora'}; "
+                             "only DoRA on linear layers can be merged")
+        if config.get("use_dora") and "magnitude" not in sides:
+            raise MergeError(f"{adapter_dir}: use_dora is set but {module} has no lora_magnitude_vector; the "
+                             "adapter is damaged")
+        adapter.lora[f"{module}.weight"] = LoraPair(sides["A"], sides["B"], scale, transpose, sides.get("magnitude"))
     return adapter
 
 
@@ -306,8 +243,10 @@ def check_lora_config(config: dict, adapter_dir: str) -> None:
             raise MergeError(f"{adapter_dir}: the adapter uses {what} ({option}), which this merge does not support")
     init = config.get("init_lora_weights", True)
     if init not in (True, False, "gaussian"):
-        raise MergeError(f"{adapter_dir}: init_lora_weights={init!r} also changed the base weights during training; "
-                         "convert the adapter with peft (path_initial_model_for_weight_conversion) first")
+        raise MergeError(f"{adapter_dir}: init_lora_weights={init!r} also changed the base weights during training, "
+                         "so this adapter only fits the changed base. Merge the run's final adapter (--output_dir: "
+                         "saved as a plain LoRA on the original base), or convert this one with peft "
+                         "(save_pretrained(path_initial_model_for_weight_conversion=<working_dir>/initial_adapter))")
 
 
 # --- the plan: what goes where, checked before anything is written ------------------------------------------------------
@@ -447,6 +386,11 @@ def materialize(tensor: PlannedTensor, adapter: Adapter, loading: Optional[BaseL
         value = value.float()
         value += (delta.T if tensor.lora.transpose else delta) * tensor.lora.scale
         del delta
+        if tensor.lora.magnitude_key:  # DoRA: each output row rescaled to its trained norm (peft's merge)
+            rows = 0 if tensor.lora.transpose else 1  # Conv1D stores [in, out]: an output row is a column
+            norm = torch.linalg.norm(value, dim=rows, keepdim=True)
+            magnitude = adapter.file.read(tensor.lora.magnitude_key).float()
+            value *= magnitude.view(norm.shape) / norm
     return value.to(tensor.dtype) if value.is_floating_point() else value
 
 

@@ -101,6 +101,12 @@ def run_settings(model_args, data_args, args, paths, tokenizer, gen_config, stat
         "lora_alpha": args.lora_alpha,
         "lora_dropout": args.lora_dropout,
         "lora_modules": args.lora_modules,
+        "peft_method": args.peft_method,
+        "lora_variants": [name for name, on in (("DoRA", args.use_dora), ("rsLoRA", args.use_rslora),
+                                                (f"{args.init_lora_weights} init", args.init_lora_weights != "default"),
+                                                (f"LoRA+ ratio {args.loraplus_lr_ratio:g}" if args.loraplus_lr_ratio
+                                                 else "", bool(args.loraplus_lr_ratio))) if on],
+        "lora_model_dir": args.lora_model_dir,
         "precision": Precision.from_args(args).name,
         "learning_rate": args.learning_rate,
         "lr_scheduler_type": str(enum_value(args.lr_scheduler_type)),
@@ -178,8 +184,14 @@ def method(settings: dict) -> str:
         return f"full fine-tune ({settings['bits']}-bit weights)"
     quantized = {4: f"QLoRA (4-bit {settings['quant_type']} base{', double quantization' if settings['double_quant'] else ''})",
                  8: "QLoRA (8-bit base)"}.get(settings["bits"], f"LoRA ({settings['bits']}-bit base)")
+    if settings.get("peft_method") == "llama_adapter":
+        return f"LLaMA-Adapter (adaption prompts) on a {settings['bits']}-bit base"
+    if settings.get("lora_model_dir"):
+        return f"{quantized}, continuing the LoRA adapter in {settings['lora_model_dir']}"
     modules = "every linear layer but the output head" if settings["lora_modules"].strip() == "all" else settings["lora_modules"]
-    return f"{quantized}, LoRA r={settings['lora_r']}, alpha={settings['lora_alpha']:g}, dropout {settings['lora_dropout']:g} on {modules}"
+    variants = "".join(f", {name}" for name in settings.get("lora_variants") or [])
+    return (f"{quantized}, LoRA r={settings['lora_r']}, alpha={settings['lora_alpha']:g}, dropout "
+            f"{settings['lora_dropout']:g} on {modules}{variants}")
 
 
 def curves_title(settings: dict) -> str:

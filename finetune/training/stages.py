@@ -14,7 +14,7 @@ import transformers
 from dataset_formats import end_token_id
 from finetune.checks.preflight import check_disk_space, fsdp_requested
 from finetune.data import pipeline, preparation
-from finetune.modeling.adapters import add_adapters
+from finetune.modeling.adapters import MUTATED_INITS, add_adapters, save_initial_adapter
 from finetune.modeling.loading import load_model
 from finetune.modeling.tokenizer import load_tokenizer
 from finetune.training import planning
@@ -51,6 +51,8 @@ def build_stages(model_args: ModelArguments, data_args: DataArguments, args: Tra
         transformers.set_seed(args.seed)
         model, new_tokens = load_model(model_args, args, tokenizer)
         stages.model = add_adapters(model, args, new_tokens)
+        if args.init_lora_weights in MUTATED_INITS and not args.lora_model_dir and args.process_index == 0:
+            save_initial_adapter(stages.model, paths.initial_adapter)  # the same on every (re)start: a seeded init
         stages.trainer = build_trainer(stages.model, args, paths, data_args, tokenizer, train_set, eval_set, gen_config)
     return stages
 

@@ -68,6 +68,21 @@ class FinetuneTrainer(transformers.Trainer):
             self.trained_token_loss = self.compute_loss_func = None
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer; with --loraplus_lr_ratio the LoRA B matrices move to groups of their own at that
+        multiple of each group's learning rate (the scheduler then scales every group alike)."""
+        optimizer = super().create_optimizer(model)
+        ratio = self.args.loraplus_lr_ratio
+        if ratio and not any(group.get("loraplus") for group in optimizer.param_groups):
+            faster = {id(p) for name, p in (model or self.model).named_parameters() if "lora_B" in name}
+            for group in list(optimizer.param_groups):
+                moved = [p for p in group["params"] if id(p) in faster]
+                if moved:
+                    group["params"] = [p for p in group["params"] if id(p) not in faster]
+                    optimizer.add_param_group({**group, "params": moved, "lr": group["lr"] * ratio, "loraplus": True})
+            optimizer.param_groups[:] = [group for group in optimizer.param_groups if group["params"]]
+        return optimizer
+
     def callback(self, kind: type):
         return next((c for c in self.callback_handler.callbacks if isinstance(c, kind)), None)
 
