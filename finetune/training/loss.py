@@ -76,6 +76,37 @@ def trained_token_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: tor
     return total, count
 
 
+def _chunk_token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module,
+                       softcap: Optional[float]) -> torch.Tensor:
+    logits = head(hidden).float()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def sequence_logps(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_size: int,
+                   softcap: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: (sum of log p(label) over its trained positions [B], their count [B]), the head applied only at
+    those positions, `chunk_size` at a time and checkpointed when gradients are on (as trained_token_loss_sum).
+    What preference losses compare: log pi(response | prompt) for each sequence."""
+    targets = shifted_targets(labels).to(hidden.device)
+    trained = targets != IGNORE_INDEX
+    rows, wanted = hidden[trained], targets[trained]
+    owner = trained.nonzero()[:, 0]  # the row each trained position belongs to
+    total = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
+    if wanted.numel() == 0:  # still reach the head, so every parameter takes part (DDP, ZeRO)
+        return total + _chunk_token_logps(hidden[:, :1].flatten(0, 1), labels.new_zeros(hidden.shape[0]), head,
+                                          softcap) * 0.0, trained.sum(-1)
+    for start in range(0, wanted.numel(), chunk_size):
+        part = (rows[start:start + chunk_size], wanted[start:start + chunk_size], head, softcap)
+        if torch.is_grad_enabled():
+            piece = checkpoint(_chunk_token_logps, *part, use_reentrant=_partitioned(head))
+        else:
+            piece = _chunk_token_logps(*part)
+        total = total.index_add(0, owner[start:start + chunk_size], piece)
+    return total, trained.sum(-1)
+
+
 def _decoder_output(output) -> torch.Tensor:
     return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
