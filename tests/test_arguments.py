@@ -74,6 +74,8 @@ BAD_FLAGS = [
     (["--merge_base", "nf4_roundtrip", "--bits", "16"], "--merge_base nf4_roundtrip re-creates the 4-bit weights"),
     (["--merge_base", "nf4"], "invalid choice: 'nf4'"),
     (["--merge_verify_samples", "-1"], "--merge_verify_samples must be >= 0"),
+    (["--dataset", "nope/conversations.json"], "--dataset nope/conversations.json: file not found"),
+    (["--dataset_format", "alpaca", "airoboros"], "1 datasets but 2 formats; give one --dataset_format for all"),
 ]
 
 
@@ -106,19 +108,12 @@ def test_unknown_flag_stops_a_real_run_before_anything_loads(tmp_path, data_file
     assert not out.exists()
 
 
-def test_missing_dataset_file_is_named(tmp_path, tiny_model):
-    result = run(train_py("--model_name_or_path", tiny_model, "--dataset", "nope/conversations.json",
-                          "--output_dir", str(tmp_path / "out")), cwd=str(tmp_path))
-    assert result.returncode == 2
-    assert "--dataset nope/conversations.json: file not found" in result.output
-    assert not (tmp_path / "out").exists()
-
-
-def test_hub_dataset_offline_fails_with_a_clear_message(tmp_path, tiny_model):
-    result = run(train_py("--model_name_or_path", tiny_model, "--dataset", "someone/some-dataset",
-                          "--output_dir", str(tmp_path / "out")), cwd=str(tmp_path))
-    assert result.returncode == 2, result.output
-    assert "--dataset someone/some-dataset: not a local file, and loading it from the Hugging Face hub failed" in result.output
+def test_hub_dataset_offline_fails_with_a_clear_message(tmp_path, tiny_model, caplog, capsys):
+    with caplog.at_level(logging.ERROR):
+        code = train.main(["--model_name_or_path", tiny_model, "--dataset", "someone/some-dataset",
+                           "--output_dir", str(tmp_path / "out"), "--report_to", "none"])
+    assert code == 2
+    assert "--dataset someone/some-dataset: not a local file, and loading it from the Hugging Face hub failed" in caplog.text + capsys.readouterr().err
 
 
 def test_legacy_flags_are_mapped_with_one_log_line(caplog, data_file):

@@ -9,7 +9,7 @@ import logging
 import os
 
 import pytest
-from conftest import ROOT, instructions, run, train_py, write_jsonl
+from conftest import ROOT, instructions, run, write_jsonl
 
 import train
 
@@ -69,7 +69,7 @@ CASES = [
     ("resume-from-missing-checkpoint", lambda d, m: ["--resume_from_checkpoint", str(d / "in/checkpoint-9")],
      "not a complete checkpoint directory"),
     ("lora-flags-with-full-finetune", lambda d, m: ["--full_finetune", "--bits", "32", "--lora_r", "8"],
-     "--lora_r 8: LoRA settings, but --full_finetune trains no adapter"),
+     "--lora_r 8: adapter settings, but --full_finetune trains no adapter"),
     ("quant-flags-with-16-bit", lambda d, m: ["--bits", "16", "--quant_type", "fp4"], "--quant_type fp4 only apply to --bits 4"),
     ("packing-with-group-by-length", lambda d, m: ["--sample_packing", "--group_by_length"], "drop --group_by_length"),
     ("model-path-missing", lambda d, m: ["--model_name_or_path", str(d / "in/no-model")], "cannot load a model config"),
@@ -139,14 +139,18 @@ def test_bad_input_is_one_clear_message_exit_2_and_touches_nothing(tmp_path, tin
     assert len(CASES) >= 25
 
 
-def test_debug_shows_the_traceback_and_a_plain_run_does_not(tmp_path, tiny_model):
+def test_debug_shows_the_traceback_and_a_plain_run_does_not(tmp_path, tiny_model, caplog, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "a"}])
     flags = ["--model_name_or_path", tiny_model, "--dataset", bad, "--output_dir", str(tmp_path / "o"), "--report_to", "none"]
-    plain = run(train_py(*flags), cwd=str(tmp_path))
-    assert plain.returncode == 2 and "bad.jsonl:1: missing field 'response'" in plain.output
-    assert "Traceback" not in plain.output
-    debug = run(train_py(*flags, "--debug"), cwd=str(tmp_path))
-    assert debug.returncode == 2 and "Traceback" in debug.output
+    with caplog.at_level(logging.ERROR):
+        assert train.main(flags) == 2
+    plain = caplog.text + capsys.readouterr().err
+    assert "bad.jsonl:1: missing field 'response'" in plain and "Traceback" not in plain
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert train.main([*flags, "--debug"]) == 2
+    debug = caplog.text + capsys.readouterr().err
+    assert "bad.jsonl:1: missing field 'response'" in debug and "Traceback" in debug
 
 
 def test_a_tokenizer_without_eos_is_refused(tmp_path, tiny_model):

@@ -158,13 +158,6 @@ def test_several_datasets_each_with_its_format_are_mixed(tmp_path, tiny_model):
     assert kinds[:10] != ["alpaca"] * 10 and kinds[:10] != ["chatml"] * 10  # shuffled together, not in blocks
 
 
-def test_format_count_must_match_dataset_count(tmp_path, tiny_model):
-    a = write_jsonl(tmp_path / "a.jsonl", instructions(3))
-    result = run(train_py("--model_name_or_path", tiny_model, "--dataset", a, a, a, "--dataset_format", "alpaca", "airoboros",
-                          "--output_dir", str(tmp_path / "o")), cwd=str(tmp_path))
-    assert result.returncode == 2 and "3 datasets but 2 formats" in result.output
-
-
 def test_pretokenized_and_completion_records(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / "p.jsonl", [{"input_ids": [1, 50, 51, 2]}, {"input_ids": [1, 60, 2], "labels": [-100, 60, 2]}])
     records = [data.Record(r.data, r.where, "pretokenized") for r in data.read_records(path)]

@@ -89,6 +89,9 @@ def test_kill_9_then_rerun_ends_with_the_uninterrupted_weights(tmp_path, tiny_mo
     losses, reference_losses = logged_losses(crashed), logged_losses(straight)
     assert [s for s, _ in losses] == list(range(1, STEPS + 1))
     assert [loss for _, loss in losses] == pytest.approx([loss for _, loss in reference_losses], abs=1e-4)
+    if launcher is SINGLE:  # the same command once more: the run is complete, nothing is trained again
+        again = run(cmd, cwd=str(tmp_path))
+        assert again.returncode == 0 and "already completed" in again.output and "'loss'" not in again.output
 
 
 def test_a_torn_checkpoint_is_skipped_with_a_warning(tmp_path, tiny_model):

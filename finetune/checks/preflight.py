@@ -52,8 +52,11 @@ def check_reporting(report_to) -> None:
     from transformers.integrations import get_available_reporting_integrations
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
+    wanted = [name for name in report_to or [] if name != "none"]
+    if not wanted:
+        return  # probing every integration imports wandb and others (seconds): only done when one is asked for
     available = get_available_reporting_integrations()
-    for name in report_to or []:
+    for name in wanted:
         if name in ("none", "all"):
             continue
         if name not in INTEGRATION_TO_CALLBACK:
