@@ -163,6 +163,13 @@ def test_loftq_fits_the_4_bit_error_and_merges_into_the_4_bit_weights(tiny_model
     built = build_stages(tiny_model, data_file, tmp_path / "adapter", *FLAGS, "--bits", "4",
                          "--init_lora_weights", "loftq", "--merged_output_dir", str(tmp_path / "merged"),
                          "--merge_base", "nf4_roundtrip")
+    # the 4-bit weights training sees, dequantized before the first forward (bitsandbytes may repack them for the
+    # CPU kernels there, after which .data no longer has the layout dequantize_4bit reads); they stay frozen
+    lora_layers = {name.removeprefix("base_model.model.") + ".weight": module
+                   for name, module in built.model.named_modules() if hasattr(module, "lora_A") and "default" in module.lora_A}
+    dequantized = {key: bnb_functional.dequantize_4bit(module.base_layer.weight.data,
+                                                        module.base_layer.weight.quant_state).float()
+                   for key, module in lora_layers.items()}
     plain = build_stages(tiny_model, data_file, tmp_path / "plain", *FLAGS, "--bits", "4")
     ids = torch.tensor([built.train_set[0]["input_ids"]])
     full = base_logits(tiny_model, ids)
@@ -172,13 +179,10 @@ def test_loftq_fits_the_4_bit_error_and_merges_into_the_4_bit_weights(tiny_model
     assert loftq_error < plain_error  # base + LoftQ adapter is closer to the 16-bit model than the 4-bit base alone
 
     built.trainer.train()
-    expected = {}
-    for name, module in built.model.named_modules():
-        if hasattr(module, "lora_A") and "default" in module.lora_A:  # the 4-bit weight training saw, plus s*B@A
-            weight = module.base_layer.weight
-            dequantized = bnb_functional.dequantize_4bit(weight.data, weight.quant_state).float()
-            delta = module.lora_B["default"].weight.float() @ module.lora_A["default"].weight.float()
-            expected[name.removeprefix("base_model.model.") + ".weight"] = dequantized + delta * module.scaling["default"]
+    expected = {}  # the 4-bit weight training saw, plus s*B@A
+    for key, module in lora_layers.items():
+        delta = module.lora_B["default"].weight.float() @ module.lora_A["default"].weight.float()
+        expected[key] = dequantized[key] + delta * module.scaling["default"]
     finishing.save_final(built.trainer, built.args, built.paths, built.tokenizer, built.gen_config)
     finishing.merge_adapter(built.model_args, built.args, built.paths, built.tokenizer, built.gen_config)
     merged = AutoModelForCausalLM.from_pretrained(built.paths.merged, dtype=torch.float32).state_dict()
