@@ -59,6 +59,10 @@ class FormatInfo:
     chat_layout: str | None = None  # conversation formats: the layout a chat template must reproduce
     special_tokens: tuple[str, ...] = ()  # tokens the layout needs as single ids (added to the vocabulary if missing)
     end_token: str = "eos"  # the token that ends every trained answer ("eos" = the tokenizer's EOS)
+    # --rl: how a preference pair becomes two of this format's records (finetune/data/pairs.py): "conversation"
+    # (the prompt turns + each answer), "transcript" (hh-rlhf: each side a whole dialogue), or (instruction field,
+    # response field); None: no pairs
+    pairs: str | tuple[str, str] | None = None
 
 
 FORMAT_INFO: dict[str, FormatInfo] = {}
@@ -137,7 +141,7 @@ def airoboros_segments(messages: list[dict]) -> list[Segment]:
     return segments
 
 
-@register("airoboros", chat_layout="airoboros")
+@register("airoboros", chat_layout="airoboros", pairs=("instruction", "response"))
 def airoboros(record: dict) -> list[Segment]:
     """{"instruction", "response", "system"?, "skip_prompt_formatting"?}: "{system}\nUSER: {instruction}\nASSISTANT:".
 
@@ -249,19 +253,19 @@ def vicuna_segments(messages: list[dict]) -> list[Segment]:
     return segments
 
 
-@register("airoboros_chat", chat_layout="llama2")
+@register("airoboros_chat", chat_layout="llama2", pairs="conversation")
 def airoboros_chat(record: dict) -> list[Segment]:
     """{"conversations": [{"from": system|human|gpt, "value"}]}: llama-2 chat layout, every gpt turn trained."""
     return llama2_chat_segments(conversation_messages(record, "conversations"))
 
 
-@register("llama2_chat", chat_layout="llama2")
+@register("llama2_chat", chat_layout="llama2", pairs="conversation")
 def llama2_chat(record: dict) -> list[Segment]:
     """Any conversation record (conversations/messages, from/value or role/content) in Meta's llama-2 layout."""
     return llama2_chat_segments(conversation_messages(record))
 
 
-@register("chatml", chat_layout="chatml", special_tokens=(IM_START, IM_END), end_token=IM_END)
+@register("chatml", chat_layout="chatml", special_tokens=(IM_START, IM_END), end_token=IM_END, pairs="conversation")
 def chatml(record: dict, options=None) -> list[Segment]:
     """Any conversation record in ChatML: <|im_start|>role\ncontent<|im_end|>; answers + <|im_end|> trained."""
     return chatml_segments(conversation_messages(record, tools=True), conversation_tools(record), *turn_options(options))
@@ -272,13 +276,13 @@ def turn_options(options) -> tuple[tuple[str, ...], bool]:
     return tuple(getattr(options, "roles_to_train", None) or ("assistant",)), getattr(options, "train_on_reasoning", True)
 
 
-@register("vicuna", chat_layout="vicuna")
+@register("vicuna", chat_layout="vicuna", pairs="conversation")
 def vicuna(record: dict) -> list[Segment]:
     """Any conversation record in FastChat's vicuna_v1.1 layout (default system prompt unless the record has one)."""
     return vicuna_segments(conversation_messages(record))
 
 
-@register("sharegpt", chat_layout="vicuna")
+@register("sharegpt", chat_layout="vicuna", pairs="conversation")
 def sharegpt(record: dict) -> list[Segment]:
     """{"conversations": [{"from": human|gpt|system, "value"}]} (also role/content, OpenAI "messages"), rendered
     in vicuna_v1.1 like axolotl's sharegpt; use chatml / llama2_chat / chat_template for other layouts."""
@@ -347,7 +351,7 @@ def guanaco_segments(messages: list[dict]) -> list[Segment]:
     return marked_segments(messages, "### Human:", "### Assistant:")
 
 
-@register("hh-rlhf", chat_layout="hh")
+@register("hh-rlhf", chat_layout="hh", pairs="transcript")
 def hh_rlhf(record: dict) -> list[Segment]:
     """{"chosen": "\n\nHuman: q\n\nAssistant: a…"}: the chosen dialogue; every assistant turn + EOS trained."""
     return hh_segments(marked_dialog(required_text(record, "chosen"), "\n\nHuman:", "\n\nAssistant:", "chosen"))
@@ -422,13 +426,13 @@ def user_assistant_segments(text: str, answer: str) -> list[Segment]:
     return [BOS, prompt(text + "ASSISTANT:"), response(" " + answer.strip()), EOS]
 
 
-@register("alpaca")
+@register("alpaca", pairs=("instruction", "output"))
 def alpaca(record: dict) -> list[Segment]:
     """{"instruction", "input"?, "output"}: the Stanford alpaca prompt, with or without the input block."""
     return alpaca_segments(required_text(record, "instruction"), optional_text(record, "input"), required_text(record, "output"))
 
 
-@register("alpaca-clean")
+@register("alpaca-clean", pairs=("instruction", "output"))
 def alpaca_clean(record: dict) -> list[Segment]:
     """yahma/alpaca-cleaned: the same records and prompt as alpaca."""
     return alpaca(record)
@@ -487,7 +491,7 @@ def pretokenized_sample(record: dict, vocab_size: int) -> tuple[list[int], list[
     return list(ids), list(labels)
 
 
-@register("chat_template")
+@register("chat_template", pairs="conversation")
 def chat_template_format(record: dict, options=None) -> list[Segment]:
     """Any conversation record rendered with the tokenizer's own Jinja chat template (kept on the saved tokenizer);
     the masks come from the template itself (finetune/data/template_masks.py)."""

@@ -78,17 +78,15 @@ class ModelArguments:
     )
     llama1_patch: bool = field(
         default=False,
-        metadata={
-            "help": "For llama-1 checkpoints converted with empty special tokens: apply llama-1-patch/ (bos <s>, eos "
-            "</s>, unk <unk>, pad <unk>, BOS added, EOS not), so training and the saved tokenizer get them right."
-        },
+        metadata={"help": "For llama-1 checkpoints converted with empty special tokens: apply llama-1-patch/ (bos "
+                  "<s>, eos </s>, unk <unk>, pad <unk>, BOS added, EOS not), so training and the saved "
+                  "tokenizer get them right."},
     )
     pad_token: Optional[str] = field(
         default=None,
-        metadata={
-            "help": "Pad token. None: keep the tokenizer's, else its unk token, else EOS (safe: masks and labels "
-            "come from lengths, not pad ids). A token new to the vocabulary resizes the embeddings."
-        },
+        metadata={"help": "Pad token. None: keep the tokenizer's, else its unk token, else EOS (safe: masks and "
+                  "labels come from lengths, not pad ids). A token new to the vocabulary resizes the "
+                  "embeddings."},
     )
     bos_token: Optional[str] = field(default=None, metadata={"help": "Override the BOS token (None: keep)."})
     eos_token: Optional[str] = field(default=None, metadata={"help": "Override the EOS token (None: keep)."})
@@ -126,15 +124,13 @@ class ModelArguments:
         self.attn_implementation = preflight.resolve_attention(self.attn_implementation)
 
 
-
 @dataclass
 class DataArguments:
     dataset: Optional[list[str]] = field(
         default=None,
-        metadata={
-            "help": "Training data: local .json/.jsonl/.parquet/.csv/.tsv files or hub dataset names. Several may be "
-            "given (--dataset a.json b.json, or the flag repeated); their records are split and shuffled together."
-        },
+        metadata={"help": "Training data: local .json/.jsonl/.parquet/.csv/.tsv files or hub dataset names. Several "
+                  "may be given (--dataset a.json b.json, or the flag repeated); their records are split and "
+                  "shuffled together."},
     )
     dataset_format: list[str] = field(
         default_factory=lambda: ["airoboros"],
@@ -146,11 +142,10 @@ class DataArguments:
     )
     dataset_weights: Optional[list[float]] = field(
         default=None,
-        metadata={
-            "help": "One weight per --dataset, in the same order (a recipe's `datasets:` entries may carry `weight:`): "
-            "< 1 trains that fraction of the dataset's training records, > 1 repeats them (2.5: every record twice "
-            "plus a fresh half). Drawn by --data_seed; the eval split is taken before weighting. None: all 1."
-        },
+        metadata={"help": "One weight per --dataset, in the same order (a recipe's `datasets:` entries may carry "
+                  "`weight:`): < 1 trains that fraction of the dataset's training records, > 1 repeats them "
+                  "(2.5: every record twice plus a fresh half). Drawn by --data_seed; the eval split is "
+                  "taken before weighting. None: all 1."},
     )
     dataset_exact_deduplication: bool = field(
         default=False,
@@ -159,10 +154,9 @@ class DataArguments:
     )
     eval_dataset_size: float = field(
         default=0.0,
-        metadata={
-            "help": "Held-out eval split: a fraction < 1 of the records, or a count >= 1; 0 means no eval split. "
-            "Stratified by the records' `category` when present, seeded by --data_seed (else --seed)."
-        },
+        metadata={"help": "Held-out eval split: a fraction < 1 of the records, or a count >= 1; 0 means no eval "
+                  "split. Stratified by the records' `category` when present, seeded by --data_seed (else "
+                  "--seed)."},
     )
     dataset_text_field: str = field(
         default="text", metadata={"help": "completion format: the field holding the raw text."}
@@ -206,10 +200,9 @@ class DataArguments:
     )
     skip_bad_records: bool = field(
         default=False,
-        metadata={
-            "help": "Skip records a format cannot render (missing field, bad role order, empty answer...) instead of "
-            "stopping; they are counted in stats.json and the first few are listed in the log."
-        },
+        metadata={"help": "Skip records a format cannot render (missing field, bad role order, empty answer...) "
+                  "instead of stopping; they are counted in stats.json and the first few are listed in the "
+                  "log."},
     )
     train_on_source: bool = field(
         default=False, metadata={"help": "Train on prompt tokens too (default: only responses and their EOS)."}
@@ -231,34 +224,27 @@ class DataArguments:
     )
     train_on_reasoning: bool = field(
         default=True,
-        metadata={
-            "help": "Train assistant turns' reasoning traces (`reasoning_content`, or <think>...</think> in the "
-            "content). False masks each trace with its closing tag, training only the answer after it (chatml and "
-            "chat_template; other conversation layouts write the reasoning inline into the answer)."
-        },
+        metadata={"help": "Train assistant turns' reasoning traces (`reasoning_content`, or <think>...</think> in "
+                  "the content). False masks each trace with its closing tag, training only the answer after "
+                  "it (chatml and chat_template; other conversation layouts write the reasoning inline into "
+                  "the answer)."},
     )
     include_sources: bool = field(
         default=False,
-        metadata={
-            "help": "airoboros format: append a record's `source` field to its trained response as "
-            "'\\n\\nSource: ...'. Without it the field is ignored."
-        },
+        metadata={"help": "airoboros format: append a record's `source` field to its trained response as "
+                  "'\\n\\nSource: ...'. Without it the field is ignored."},
     )
     expand_conversations: bool = field(
         default=False,
-        metadata={
-            "help": "Kept for compatibility with the airoboros scripts: every assistant turn of a conversation is "
-            "always trained (one sample per conversation, or one per turn where the model's chat template renders "
-            "past turns differently), so this changes nothing."
-        },
+        metadata={"help": "Kept for the airoboros scripts; changes nothing: every assistant turn is always trained (one "
+                  "sample per conversation, or per turn where the chat template renders past turns differently)."},
     )
     dataset_prepared_path: Optional[str] = field(
         default=None,
-        metadata={
-            "help": "Directory for the tokenized (and packed) train/eval sets and stats.json (None: "
-            "<working_dir>/prepared_data). Reused by later runs and by the other ranks when the data bytes, "
-            "formats, tokenizer, length and packing settings are unchanged (a fingerprint of them is checked)."
-        },
+        metadata={"help": "Directory for the tokenized (and packed) train/eval sets and stats.json (None: "
+                  "<working_dir>/prepared_data). Reused by later runs and by the other ranks when the data "
+                  "bytes, formats, tokenizer, length and packing settings are unchanged (a fingerprint of "
+                  "them is checked)."},
     )
     dataset_processes: int = field(
         default=1,
@@ -266,11 +252,10 @@ class DataArguments:
     )
     sample_packing: bool = field(
         default=False,
-        metadata={
-            "help": "Pack tokenized samples into rows of --model_max_len (best-fit decreasing, seeded): no padding, "
-            "positions restart per sample and attention stays within each sample (flash-attention varlen on GPU, "
-            "a block-diagonal mask with sdpa/eager). --per_device_train_batch_size then counts rows."
-        },
+        metadata={"help": "Pack tokenized samples into rows of --model_max_len (best-fit decreasing, seeded): no "
+                  "padding, positions restart per sample and attention stays within each sample "
+                  "(flash-attention varlen on GPU, a block-diagonal mask with sdpa/eager). "
+                  "--per_device_train_batch_size then counts rows."},
     )
     eval_sample_packing: Optional[bool] = field(
         default=None, metadata={"help": "Pack the eval set too (None: same as --sample_packing)."}
@@ -281,6 +266,16 @@ class DataArguments:
     prepare_only: bool = field(
         default=False,
         metadata={"help": "Tokenize, write --dataset_prepared_path and stats.json, then exit without training."},
+    )
+    rl: Optional[str] = field(
+        default=None,
+        metadata={"help": "Preference optimization instead of SFT (axolotl's rl): dpo, ipo, orpo or simpo on pair records "
+                  "{prompt | messages | conversations, chosen, rejected} (hh-rlhf: two whole transcripts) rendered by "
+                  "--dataset_format: both sides share the prompt ids SFT would train on, and only each final answer "
+                  "(with its end token) is compared; identical pairs and prompts that fill --model_max_len are dropped "
+                  "and counted. dpo/ipo compare with a reference: the base with the adapters off (LoRA/QLoRA: no "
+                  "second copy) or a frozen copy (full fine-tune). Knobs: --rl_beta, --simpo_gamma, "
+                  "--label_smoothing. None: SFT.", "choices": ["dpo", "ipo", "orpo", "simpo"]},
     )
 
     def __post_init__(self):
@@ -293,7 +288,6 @@ class DataArguments:
                 f"--dataset_weights {self.dataset_weights}: every weight must be > 0 (leave a dataset out instead of 0)")
 
 
-
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
     working_dir: Optional[str] = field(
@@ -302,20 +296,18 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     merged_output_dir: Optional[str] = field(
         default=None,
-        metadata={
-            "help": "After an adapter run (or with --merge_only), merge the adapter into the base model and save a "
-            "plain model here in bf16 with --bf16, fp16 with --fp16, else fp32, with tokenizer, chat template and "
-            "generation config. The merge streams one tensor at a time (memory: a few copies of the largest "
-            "tensor, not the model), keeps the base's shard layout, and appears only when complete."
-        },
+        metadata={"help": "After an adapter run (or with --merge_only), merge the adapter into the base model and "
+                  "save a plain model here in bf16 with --bf16, fp16 with --fp16, else fp32, with tokenizer, "
+                  "chat template and generation config. The merge streams one tensor at a time (memory: a "
+                  "few copies of the largest tensor, not the model), keeps the base's shard layout, and "
+                  "appears only when complete."},
     )
     merge_only: bool = field(
         default=False,
-        metadata={
-            "help": "Do not train: merge the adapter in --output_dir (a finished run's, or a checkpoint-N directory) "
-            "into --model_name_or_path and write --merged_output_dir (needed). --dataset is optional: it only "
-            "provides the --merge_verify_samples samples. Tokenizer and generation config come from --output_dir."
-        },
+        metadata={"help": "Do not train: merge the adapter in --output_dir (a finished run's, or a checkpoint-N "
+                  "directory) into --model_name_or_path and write --merged_output_dir (needed). --dataset is "
+                  "optional: it only provides the --merge_verify_samples samples. Tokenizer and generation "
+                  "config come from --output_dir."},
     )
     merge_base: str = field(
         default="original",
@@ -331,13 +323,12 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     merge_verify_samples: int = field(
         default=4,
-        metadata={
-            "help": "After merging, compare the merged model with base+adapter (loaded as training loaded it) on this "
-            "many samples (the first training samples when --dataset is given and the merge follows training or "
-            "--merge_only; else a fixed built-in text), each cut to 512 tokens: max/mean |logit difference|, argmax "
-            "agreement and perplexities, logged and written to <merged_output_dir>/merge_verification.json. Loads "
-            "both models in full, one after the other; 0 skips it."
-        },
+        metadata={"help": "After merging, compare the merged model with base+adapter (loaded as training loaded it) "
+                  "on this many samples (the first training samples when --dataset is given and the merge "
+                  "follows training or --merge_only; else a fixed built-in text), each cut to 512 tokens: "
+                  "max/mean |logit difference|, argmax agreement and perplexities, logged and written to "
+                  "<merged_output_dir>/merge_verification.json. Loads both models in full, one after the "
+                  "other; 0 skips it."},
     )
     overwrite_output_dir: bool = field(
         default=False,
@@ -354,12 +345,11 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     dry_run: bool = field(
         default=False,
-        metadata={
-            "help": "Validate every flag and file, read the model's config (not its weights), tokenize the data "
-            "(nothing is written), log the plan — world size, batch arithmetic, steps, trainable parameters and "
-            "estimated memory per device for weights / gradients / optimizer / activations (derivation in "
-            "finetune/training/planning.py) — and a `plan-json:` line, then exit 0."
-        },
+        metadata={"help": "Validate every flag and file, read the model's config (not its weights), tokenize the "
+                  "data (nothing is written), log the plan — world size, batch arithmetic, steps, trainable "
+                  "parameters and estimated memory per device for weights / gradients / optimizer / "
+                  "activations (derivation in finetune/training/planning.py) — and a `plan-json:` line, then "
+                  "exit 0."},
     )
     print_config: bool = field(
         default=False,
@@ -399,10 +389,8 @@ class TrainingArguments(transformers.TrainingArguments):
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input, 0 to < 1."})
     lora_modules: str = field(
         default="all",
-        metadata={
-            "help": "Modules that get LoRA adapters: 'all' = every linear layer except the output head, or a comma "
-            "list of module names (e.g. q_proj,v_proj)."
-        },
+        metadata={"help": "Modules that get LoRA adapters: 'all' = every linear layer except the output head, or a "
+                  "comma list of module names (e.g. q_proj,v_proj)."},
     )
     lora_modules_to_save: Optional[str] = field(
         default=None,
@@ -453,32 +441,38 @@ class TrainingArguments(transformers.TrainingArguments):
     llama_adapter_layers: int = field(
         default=30, metadata={"help": "llama_adapter: adapted layers, from the top (> 0; at most the model's layers)."}
     )
+    rl_beta: float = field(
+        default=0.1,
+        metadata={"help": "--rl: beta (> 0): dpo/simpo: the reward scale; ipo: the target margin is 1/(2 beta); orpo: "
+                  "the weight of the odds-ratio term (TRL's beta, axolotl's rl_beta)."},
+    )
+    simpo_gamma: float = field(default=0.5, metadata={"help": "--rl simpo: the target reward margin (>= 0)."})
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={"help": "--rl dpo/simpo: the probability that a pair's preference is flipped, in [0, 0.5) "
+                  "(conservative DPO; axolotl's dpo_label_smoothing). 0: plain DPO."},
+    )
     layers_to_freeze: Optional[int] = field(
         default=None,
-        metadata={
-            "help": "Freeze the first N decoder layers, 0 <= N < the model's layer count (None or 0: none). Full "
-            "fine-tune: those layers and the input embeddings below them get requires_grad=False and stay out of "
-            "the optimizer (the embeddings stay trainable when tokens were added, so the new rows can learn; a "
-            "head tied to them freezes with them). LoRA: adapters go only on the layers above N. Excludes "
-            "--layer_freeze_ratio."
-        },
+        metadata={"help": "Freeze the first N decoder layers, 0 <= N < the model's layer count (None or 0: none). "
+                  "Full fine-tune: those layers and the input embeddings below them get requires_grad=False "
+                  "and stay out of the optimizer (the embeddings stay trainable when tokens were added, so "
+                  "the new rows can learn; a head tied to them freezes with them). LoRA: adapters go only on "
+                  "the layers above N. Excludes --layer_freeze_ratio."},
     )
     layer_freeze_ratio: Optional[float] = field(
         default=None,
-        metadata={
-            "help": "Freeze this fraction of the decoder layers from the bottom, in [0, 1): floor(ratio x layers), "
-            "e.g. 0.5 of 32 -> 16, 0.3 of 10 -> 3, 0.4 of 2 -> 0 (None: none). Otherwise as --layers_to_freeze, "
-            "which it excludes."
-        },
+        metadata={"help": "Freeze this fraction of the decoder layers from the bottom, in [0, 1): floor(ratio x "
+                  "layers), e.g. 0.5 of 32 -> 16, 0.3 of 10 -> 3, 0.4 of 2 -> 0 (None: none). Otherwise as "
+                  "--layers_to_freeze, which it excludes."},
     )
     neftune_noise_alpha: Optional[float] = field(
         default=None,
-        metadata={
-            "help": "NEFTune: while training (not in eval or generation), add uniform noise in +-alpha/sqrt(L*d) to "
-            "the input embeddings, d = hidden size, L = the batch's padded length (as in the reference code, so a "
-            "sample padded to a longer neighbour gets less). With --sample_packing L is the packed row, so each "
-            "sample gets about sqrt(samples per row) times less noise than unpacked. > 0; typical 5 to 15 (None: off)."
-        },
+        metadata={"help": "NEFTune: while training (not in eval or generation), add uniform noise in "
+                  "+-alpha/sqrt(L*d) to the input embeddings, d = hidden size, L = the batch's padded length "
+                  "(as in the reference code, so a sample padded to a longer neighbour gets less). With "
+                  "--sample_packing L is the packed row, so each sample gets about sqrt(samples per row) "
+                  "times less noise than unpacked. > 0; typical 5 to 15 (None: off)."},
     )
     loss_watchdog_threshold: Optional[float] = field(
         default=None,
@@ -505,12 +499,11 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     do_predict: bool = field(
         default=False,
-        metadata={
-            "help": "After training and the final evaluation, generate answers to --generation_samples eval prompts "
-            "(train prompts when there is no eval split) with the generation flags (--max_new_tokens, --do_sample, "
-            "...) and write predictions.jsonl (prompt, reference, prediction, token counts) into --output_dir; two "
-            "are logged. Each prompt is the sample's prompt ids exactly as trained, up to its first answer."
-        },
+        metadata={"help": "After training and the final evaluation, generate answers to --generation_samples eval "
+                  "prompts (train prompts when there is no eval split) with the generation flags "
+                  "(--max_new_tokens, --do_sample, ...) and write predictions.jsonl (prompt, reference, "
+                  "prediction, token counts) into --output_dir; two are logged. Each prompt is the sample's "
+                  "prompt ids exactly as trained, up to its first answer."},
     )
     generation_samples: int = field(default=8, metadata={"help": "--do_predict: how many prompts get answers (> 0)."})
     eval_generation_samples: int = field(
@@ -520,13 +513,12 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     push_to_hub: bool = field(
         default=False,
-        metadata={
-            "help": "When the run is complete, upload --output_dir to the hub repo --hub_model_id and "
-            "--merged_output_dir to <hub_model_id>-merged (the completed marker stays local; checkpoints are never "
-            "pushed, so --hub_strategy does not apply). Checked before anything loads: HF_HUB_OFFLINE, no token "
-            "(HF_TOKEN, --hub_token or `hf auth login`), an unreachable hub or a rejected token stop the run (exit 2). "
-            "A failed upload exits 4 with the outputs complete locally; re-running the command retries only the push."
-        },
+        metadata={"help": "When the run is complete, upload --output_dir to the hub repo --hub_model_id and "
+                  "--merged_output_dir to <hub_model_id>-merged (the completed marker stays local; "
+                  "checkpoints are never pushed, so --hub_strategy does not apply). Checked before anything "
+                  "loads: HF_HUB_OFFLINE, no token (HF_TOKEN, --hub_token or `hf auth login`), an "
+                  "unreachable hub or a rejected token stop the run (exit 2). A failed upload exits 4 with "
+                  "the outputs complete locally; re-running the command retries only the push."},
     )
     hub_model_id: Optional[str] = field(
         default=None,
@@ -536,18 +528,11 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     peak_tflops: Optional[float] = field(
         default=None,
-        metadata={
-            "help": "Peak dense TFLOP/s of ONE device in the training dtype (e.g. 989 for an H100 SXM in bf16), for the "
-            "mfu field logged next to tokens_per_second: mfu = tokens/s x model FLOPs per token / (processes x peak). "
-            "None: looked up for known GPUs (H100, H200, A100, A10G, L40S, L4, RTX 4090, V100, T4; vendors' dense "
-            "figures; bf16/fp16 with --bf16/--fp16, else fp32, or tf32 with --tf32); unknown devices log no mfu. "
-            "Model FLOPs per trained token = 2N (forward) + 2N (backward to the activations) + 2N_trained (backward "
-            "to the trained weights) + 12*L*H*T (attention, PaLM appendix B): N = weights of all linear layers "
-            "(output head included, embedding lookup not, 4-bit layers at full size), L layers, H = heads x head "
-            "dim, T = mean attention context per token. That is 6N + 12LHT for a full fine-tune and ~4N + 12LHT for "
-            "LoRA on a frozen base. Model FLOPs, not hardware FLOPs: padding, activation-checkpointing recompute "
-            "and dequantization are not counted."
-        },
+        metadata={"help": "Peak dense TFLOP/s of ONE device in the training dtype (e.g. 989 for an H100 SXM in bf16), "
+                  "for the mfu logged next to tokens_per_second: tokens/s x model FLOPs per token / (processes x peak); "
+                  "model FLOPs per token ~ 6N + 12LHT for a full fine-tune, ~4N + 12LHT for LoRA (derivation in "
+                  "finetune/training/throughput.py). None: looked up for known GPUs (H100, H200, A100, A10G, L40S, L4, "
+                  "RTX 4090, V100, T4; in bf16/fp16/fp32/tf32 as trained); unknown devices log no mfu."},
     )
     chunked_cross_entropy: bool = field(
         default=True,
@@ -595,6 +580,9 @@ class TrainingArguments(transformers.TrainingArguments):
         require(self.lora_model_dir is None or os.path.isfile(os.path.join(self.lora_model_dir, "adapter_config.json")),
                 f"--lora_model_dir {self.lora_model_dir}: no adapter_config.json there; pass the directory a LoRA run "
                 "saved its adapter to (its --output_dir) or one of its checkpoint-N directories")
+        require(self.rl_beta > 0 and self.simpo_gamma >= 0 and 0 <= self.label_smoothing < 0.5,
+                f"--rl_beta must be > 0 (got {self.rl_beta}), --simpo_gamma >= 0 (got {self.simpo_gamma}), "
+                f"--label_smoothing in [0, 0.5) (got {self.label_smoothing})")
         require(self.cross_entropy_chunk_size > 0,
                 f"--cross_entropy_chunk_size must be > 0 (got {self.cross_entropy_chunk_size})")
         require(self.eval_generation_samples >= 0,
@@ -610,8 +598,6 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.use_cpu:
             preflight.honour_ddp_timeout_on_cpu(self.ddp_timeout)
         super().__post_init__()
-
-
 
 
 @dataclass

@@ -102,7 +102,7 @@ def build_stages(model: str, data_file: str, out_dir, *flags: str) -> SimpleName
     paths = RunPaths.from_args(args, data_args)
     built = stages.build_stages(model_args, data_args, args, gen_args, paths)
     return SimpleNamespace(trainer=built.trainer, model=built.trainer.model, tokenizer=built.tokenizer,
-                           model_args=model_args, data_args=data_args, args=args, gen_args=gen_args, paths=paths,
+                           model_args=model_args, data_args=data_args, args=args, gen_args=gen_args, paths=paths, stats=built.stats,
                            train_set=built.train_set, eval_set=built.eval_set, gen_config=built.gen_config)
 
 

@@ -76,6 +76,13 @@ BAD_FLAGS = [
     (["--merge_verify_samples", "-1"], "--merge_verify_samples must be >= 0"),
     (["--dataset", "nope/conversations.json"], "--dataset nope/conversations.json: file not found"),
     (["--dataset_format", "alpaca", "airoboros"], "1 datasets but 2 formats; give one --dataset_format for all"),
+    (["--rl", "dpo", "--dataset_format", "completion"], "--rl dpo: --dataset_format completion has no preference-pair layout"),
+    (["--rl", "dpo", "--sample_packing"], "so --sample_packing cannot apply; drop it"),
+    (["--rl", "orpo", "--train_on_source"], "so --train_on_source cannot apply"),
+    (["--rl_beta", "0.2"], "--rl_beta 0.2: preference settings, but no --rl"),
+    (["--rl", "dpo", "--simpo_gamma", "1"], "--simpo_gamma 1.0: not read by --rl dpo"),
+    (["--rl", "kto"], "invalid choice: 'kto'"),
+    (["--rl", "dpo", "--label_smoothing", "0.5"], "--label_smoothing in [0, 0.5) (got 0.5)"),
 ]
 
 

@@ -238,3 +238,17 @@ def test_chat_template_jinja_and_lora_modules_to_save_map_and_take_effect(tmp_pa
     with pytest.raises(train.UsageError, match=r"--lora_modules_to_save lm_haed: the model has no module of that name \(did you mean lm_head\?\)"):
         build_stages(tiny_model, alpaca_file, tmp_path / "o2", "--dataset_format", "alpaca", "--bits", "32",
                      "--lora_modules_to_save", "lm_haed")
+
+
+def test_preference_keys_map_onto_rl_and_its_knobs(tmp_path, alpaca_file):
+    config = localized(tmp_path, "qlora-1b", "some/model", alpaca_file, rl="dpo", rl_beta=0.05, dpo_label_smoothing=0.1,
+                       sample_packing=False, eval_sample_packing=False)
+    _, data_args, args, _ = train.parse_arguments([config])
+    assert (data_args.rl, args.rl_beta, args.label_smoothing) == ("dpo", 0.05, 0.1)
+    config = localized(tmp_path, "qlora-1b", "some/model", alpaca_file, rl="simpo", simpo_gamma=1.0, sample_packing=False,
+                       eval_sample_packing=False)
+    _, data_args, args, _ = train.parse_arguments([config])
+    assert (data_args.rl, args.simpo_gamma) == ("simpo", 1.0)
+    config = localized(tmp_path, "qlora-1b", "some/model", alpaca_file, rl="dpo")  # the example packs its samples
+    with pytest.raises(train.UsageError, match="--rl dpo compares each pair's two answers .* so --sample_packing"):
+        train.parse_arguments([config])

@@ -31,7 +31,7 @@ def pairs(built, n: int) -> Dataset:
         (rejected_ids, rejected_labels, _), = encode_record(wrong, "airoboros", built.tokenizer, built.data_args, options)[0]
         start = chosen_labels.index(next(label for label in chosen_labels if label != IGNORE_INDEX))
         assert chosen_ids[:start] == rejected_ids[:start]  # the shared prompt
-        rows.append({"chosen_input_ids": chosen_ids, "chosen_labels": chosen_labels,
+        rows.append({"input_ids": chosen_ids, "labels": chosen_labels,
                      "rejected_input_ids": rejected_ids, "rejected_labels": rejected_labels})
     return Dataset.from_list(rows)
 

@@ -25,7 +25,8 @@ RENAMED = {
     "val_set_size": "eval_dataset_size", "train_on_inputs": "train_on_source", "lora_target_modules": "lora_modules",
     "wandb_name": "run_name", "gradient_checkpointing": "activation_checkpointing",
     "lora_modules_to_save": "lora_modules_to_save", "default_system_message": "default_system_prompt",
-    "peft_use_dora": "use_dora", "peft_use_rslora": "use_rslora",
+    "peft_use_dora": "use_dora", "peft_use_rslora": "use_rslora", "dpo_label_smoothing": "label_smoothing",
+    "orpo_alpha": "rl_beta",
 }
 SAME = {
     "lora_r", "lora_alpha", "lora_dropout", "sample_packing", "eval_sample_packing", "gradient_accumulation_steps",
@@ -34,7 +35,7 @@ SAME = {
     "save_steps", "save_total_limit", "output_dir", "dataset_prepared_path", "dataset_processes", "group_by_length",
     "resume_from_checkpoint", "loss_watchdog_threshold", "loss_watchdog_patience", "neftune_noise_alpha", "deepspeed",
     "fsdp", "fsdp_config", "seed", "hub_model_id", "torch_compile", "dataset_exact_deduplication",
-    "chat_template_jinja", "lora_model_dir", "loraplus_lr_ratio",
+    "chat_template_jinja", "lora_model_dir", "loraplus_lr_ratio", "rl", "rl_beta", "simpo_gamma",
 }
 # read by the translation of other keys (the README's table says what each becomes)
 CONSUMED = {

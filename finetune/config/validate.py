@@ -57,6 +57,7 @@ def validate(model_args: ModelArguments, data_args: DataArguments, args: Trainin
         if not 0 <= args.lora_dropout < 1:
             raise UsageError(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
     check_training_knobs(data_args, args)
+    check_preference_flags(data_args, args)
     if data_args.sample_packing and args.train_sampling_strategy == "group_by_length":
         raise UsageError("--sample_packing already fills rows to --model_max_len; drop --group_by_length")
     if args.do_eval and data_args.eval_dataset_size == 0 and not args.merge_only:
@@ -181,6 +182,41 @@ def check_adapter_flags(args: TrainingArguments) -> None:
             raise UsageError(f"--lora_model_dir {args.lora_model_dir} is --output_dir: the run would overwrite the "
                              "adapter it starts from; pick another --output_dir (or re-run that run's command to "
                              "resume it)")
+
+
+PREFERENCE_FLAGS = {"rl_beta": ("dpo", "ipo", "orpo", "simpo"), "simpo_gamma": ("simpo",),
+                    "label_smoothing": ("dpo", "simpo")}  # flag -> the --rl methods that read it
+
+
+def check_preference_flags(data_args: DataArguments, args: TrainingArguments) -> None:
+    """--rl against the data formats, packing and sharding; its knobs only with a method that reads them."""
+    from dataset_formats import FORMAT_INFO
+
+    method = data_args.rl
+    unread = [flag for flag in non_default(args, tuple(PREFERENCE_FLAGS))
+              if method not in PREFERENCE_FLAGS[flag.split()[0].removeprefix("--")]]
+    if unread:
+        raise UsageError(f"{', '.join(unread)}: " + (f"not read by --rl {method}" if method else "preference settings, "
+                         "but no --rl") + "; drop them or pick a method that uses them "
+                         "(" + "; ".join(f"--{k}: {', '.join(v)}" for k, v in PREFERENCE_FLAGS.items()) + ")")
+    if not method:
+        return
+    no_pairs = sorted({name for name in data_args.dataset_format if FORMAT_INFO[name].pairs is None})
+    if no_pairs:
+        usable = sorted(name for name, info in FORMAT_INFO.items() if info.pairs is not None)
+        raise UsageError(f"--rl {method}: --dataset_format {', '.join(no_pairs)} has no preference-pair layout; use "
+                         f"one of {', '.join(usable)} (see finetune/data/pairs.py for the record layouts)")
+    packing = [flag for flag, on in (("--sample_packing", data_args.sample_packing),
+                                      ("--eval_sample_packing", data_args.eval_sample_packing)) if on]
+    if packing or data_args.train_on_source:
+        raise UsageError(f"--rl {method} compares each pair's two answers after their shared prompt, so "
+                         f"{', '.join(packing + ['--train_on_source'] * data_args.train_on_source)} cannot apply; "
+                         "drop it")
+    if method in ("dpo", "ipo") and args.full_finetune and (preflight.fsdp_requested(args)
+                                                           or preflight.deepspeed_settings(args).get("stage") == 3):
+        raise UsageError(f"--rl {method} --full_finetune keeps a frozen reference copy of the model, which is not "
+                         "built for ZeRO-3 / FSDP sharding yet; use ZeRO-2, LoRA (the reference is the base with the "
+                         "adapters off), or --rl orpo / simpo (no reference)")
 
 
 def check_training_knobs(data_args: DataArguments, args: TrainingArguments) -> None:

@@ -33,6 +33,7 @@ from dataset_formats import (
     response,
     special_ids,
 )
+from finetune.data import pairs
 from finetune.data.conversations import CONVERSATION_FIELDS, reasoning_count, tool_counts
 from finetune.data.packing import PackedCollator, padded_length
 
@@ -277,6 +278,8 @@ class TokenizeStats:
     records_kept: int = 0  # records that gave at least one sample (samples_kept counts samples)
     split_records: int = 0  # records rendered as several samples (chat templates that render past turns differently)
     template_strategies: dict = field(default_factory=dict)  # chat_template: records per strategy (template_masks.py)
+    identical_pairs: int = 0  # --rl: pairs whose chosen and rejected are the same ids (dropped)
+    prompt_too_long: int = 0  # --rl: pairs whose shared prompt alone fills --model_max_len (dropped)
     lengths: list[int] = field(default_factory=list)
 
     def merge(self, other: TokenizeStats) -> None:
@@ -344,6 +347,11 @@ def tokenize_records(records: list[Record], tokenizer, data_args: DataArguments)
     samples = []
     for record in records:
         format_name = record.format
+        if data_args.rl:
+            kept = keep_pair(record, tokenizer, data_args, options, stats, end_tokens[format_name])
+            samples += kept
+            stats.records_kept += len(kept)
+            continue
         try:
             encoded, strategy = encode_record(record.data, format_name, tokenizer, data_args, options)
         except RecordError as error:
@@ -399,6 +407,51 @@ def keep_sample(ids, labels, merges, record: Record, data_args: DataArguments, s
     return {"input_ids": ids, "labels": labels}
 
 
+def keep_pair(record: Record, tokenizer, data_args: DataArguments, options, stats: TokenizeStats,
+              end_token: int) -> list[dict]:
+    """--rl: a preference record -> its pair row (chosen as input_ids/labels, rejected as rejected_*), `repeat`
+    times; none (counted) when both sides are the same ids or the prompt alone fills --model_max_len."""
+    try:
+        pair = pairs.encode_pair(record.data, FORMAT_INFO[record.format].pairs, lambda side: render_samples(
+            side, record.format, data_args, options)[0], tokenizer)
+    except RecordError as error:
+        message = f"{record.where}: {error} (--dataset_format {record.format}, --rl {data_args.rl})"
+        if not data_args.skip_bad_records:
+            raise DataError(message + "; fix the record or pass --skip_bad_records") from error
+        stats.bad_records += 1
+        if len(stats.bad_record_examples) < 5:
+            stats.bad_record_examples.append(message)
+        return []
+    copies, limit = record.repeat, data_args.model_max_len
+    if pair.identical:
+        stats.identical_pairs += copies
+        return []
+    if pair.prompt_length >= limit:
+        stats.prompt_too_long += copies
+        return []
+    sides = [(pair.chosen_ids, pair.chosen_labels), (pair.rejected_ids, pair.rejected_labels)]
+    if max(len(ids) for ids, _ in sides) > limit:
+        if data_args.excess_length == "raise":
+            raise DataError(f"{record.where}: {max(len(ids) for ids, _ in sides)} tokens in a side of this pair, more "
+                            f"than --model_max_len {limit}; raise --model_max_len, or pass --excess_length drop "
+                            "(or truncate: the answers' tails are cut)")
+        if data_args.excess_length == "drop":
+            stats.dropped_too_long += copies
+            return []
+        sides = [(ids[:limit], labels[:limit]) for ids, labels in sides]  # the prompt fits: only answers are cut
+        stats.truncated += copies
+    (chosen, chosen_labels), (rejected, rejected_labels) = sides
+    row = {"input_ids": chosen, "labels": chosen_labels, "rejected_input_ids": rejected,
+           "rejected_labels": rejected_labels}
+    stats.samples_kept += copies
+    stats.tokens += copies * (len(chosen) + len(rejected))
+    stats.trained_tokens += copies * sum(label != IGNORE_INDEX for _, labels in sides for label in labels)
+    stats.ending_with_trained_end_token += copies * (chosen_labels[-1] == end_token == rejected_labels[-1])
+    stats.boundary_merges += copies * pair.boundary_merges
+    stats.lengths += [max(len(chosen), len(rejected))] * copies
+    return [row] * copies
+
+
 def truncate_keeping_cue(ids: list[int], labels: list[int], max_len: int) -> tuple[list[int], list[int]]:
     """Cut the answer's tail; if the prompt alone does not fit, cut the prompt's beginning (after its first token,
     usually BOS) instead, so the assistant cue right before the answer always survives."""
@@ -434,14 +487,20 @@ def encode_record(record: dict, format_name: str, tokenizer, data_args: DataArgu
     if format_name == "pretokenized":
         ids, labels = pretokenized_sample(record, len(tokenizer))
         return [(ids, list(ids) if data_args.train_on_source else labels, 0)], ""
+    samples, strategy = render_samples(record, format_name, data_args, options)
+    encoded = [encode_segments(segments, tokenizer, train_on_source=data_args.train_on_source) for segments in samples]
+    return [(e.input_ids, e.labels, e.boundary_merges) for e in encoded], strategy
+
+
+def render_samples(record: dict, format_name: str, data_args: DataArguments, options):
+    """One record -> (its samples' segments, the chat-template strategy or ""), with the run's default system prompt
+    and sources applied."""
     if data_args.default_system_prompt and (FORMAT_INFO[format_name].chat_layout or format_name == "chat_template"):
         record = with_default_system(record, data_args.default_system_prompt)
     rendered = get_format(format_name, options)(record)
     if data_args.include_sources and format_name == "airoboros" and record.get("source"):
         rendered = with_source(rendered, str(record["source"]))
-    samples = rendered if isinstance(rendered, Samples) else [rendered]
-    encoded = [encode_segments(segments, tokenizer, train_on_source=data_args.train_on_source) for segments in samples]
-    return [(e.input_ids, e.labels, e.boundary_merges) for e in encoded], getattr(rendered, "strategy", "")
+    return (rendered if isinstance(rendered, Samples) else [rendered]), getattr(rendered, "strategy", "")
 
 
 def with_default_system(record: dict, prompt: str) -> dict:
@@ -534,7 +593,11 @@ PREVIEW_SPANS = (("<think>", "</think>", "{{", "}}"), ("<tool_call>", "</tool_ca
 def preview(sample: dict, tokenizer) -> str:
     """One tokenized sample as the model is taught it: trained tokens in [[...]], trained reasoning (<think>...
     </think>, also when the prompt opened it) in {{...}}, trained tool calls (<tool_call>...</tool_call>) in
-    <<...>>; masked text as it is."""
+    <<...>>; masked text as it is. A preference pair (--rl) shows both sides."""
+    if "rejected_input_ids" in sample:
+        rejected = {"input_ids": sample["rejected_input_ids"], "labels": sample["rejected_labels"]}
+        return (f"chosen:\n{preview({'input_ids': sample['input_ids'], 'labels': sample['labels']}, tokenizer)}\n"
+                f"rejected:\n{preview(rejected, tokenizer)}")
     pieces = [tokenizer.decode([token]) for token in sample["input_ids"]]
     text = "".join(pieces)
     trained = [label != IGNORE_INDEX for piece, label in zip(pieces, sample["labels"]) for _ in piece]

@@ -57,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 CHUNK_RECORDS = 4000  # records per tokenization task: small enough to bound memory, large enough to amortize
 SAMPLES = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
+PAIRS = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),  # --rl: chosen, then
+                   ("rejected_input_ids", pa.list_(pa.int32())), ("rejected_labels", pa.list_(pa.int32()))])
 PACKED = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
                     ("position_ids", pa.list_(pa.int32()))])
 
@@ -83,6 +85,7 @@ def fingerprint(data_args: DataArguments, tokenizer, seed: int) -> str:
         "include_sources": data_args.include_sources,
         "dataset_text_field": data_args.dataset_text_field,
         "sample_packing": [data_args.sample_packing, data_args.eval_sample_packing],
+        "preference_pairs": bool(data_args.rl),
         "custom": {name.removeprefix("custom_"): value for name, value in custom_settings(data_args).items()},
         "chat_template": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()[:12],
         "eval_dataset_size": data_args.eval_dataset_size,
@@ -197,7 +200,12 @@ def tokenize_chunk(chunk: list[Record]) -> tuple[pa.RecordBatch, TokenizeStats]:
         samples, stats = tokenize_records(chunk, _WORKER_STATE["tokenizer"], _WORKER_STATE["data_args"])
     except DataError as error:  # keep the message; the exception type survives pickling as DataError
         raise DataError(str(error)) from None
-    return pa.RecordBatch.from_pylist(samples, schema=SAMPLES), stats
+    return pa.RecordBatch.from_pylist(samples, schema=row_schema(_WORKER_STATE["data_args"])), stats
+
+
+def row_schema(data_args: DataArguments) -> pa.Schema:
+    """The tokenized rows' columns: SFT samples, or preference pairs (--rl)."""
+    return PAIRS if data_args.rl else SAMPLES
 
 
 def chunks(routed: Iterator[tuple[str, Record]]) -> Iterator[tuple[str, int, list[Record]]]:
@@ -281,14 +289,15 @@ def gather(column: pa.ChunkedArray, indices: np.ndarray) -> pa.Array:
 def write_rows(table: pa.Table, rows: list[list[int]], path: str, packed: bool, block: int = 5000) -> int:
     """Rows of sample indices -> an Arrow file: each row one sample (packed=False) or its samples end to end with
     position_ids restarting at 0 and each sample's first label masked (packed=True). A block of rows at a time."""
-    with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, PACKED if packed else SAMPLES) as writer:
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, PACKED if packed else table.schema) as writer:
         for start in range(0, len(rows), block):
             part = rows[start : start + block]
             flat = np.fromiter((index for row in part for index in row), dtype=np.int64)
-            ids, labels = gather(table.column("input_ids"), flat), gather(table.column("labels"), flat)
             if not packed:
-                writer.write_batch(pa.RecordBatch.from_arrays([ids, labels], schema=SAMPLES))
+                writer.write_batch(pa.RecordBatch.from_arrays([gather(table.column(name), flat) for name in
+                                                               table.schema.names], schema=table.schema))
                 continue
+            ids, labels = gather(table.column("input_ids"), flat), gather(table.column("labels"), flat)
             lengths = ids.value_lengths().to_numpy()
             starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
             values = ids.flatten().to_numpy()
@@ -365,7 +374,8 @@ def prepare_into(work: str, plan: Plan, data_args: DataArguments, tokenizer, see
     total = plan.records - (sum(1 for r in plan.repeat if not r) - len(plan.eval))
     raw = {split: os.path.join(work, f"{split}.tokenized.arrow") for split in stats}
     with pa.OSFile(raw["train"], "wb") as train_sink, pa.OSFile(raw["eval"], "wb") as eval_sink, \
-            pa.ipc.new_stream(train_sink, SAMPLES) as train_writer, pa.ipc.new_stream(eval_sink, SAMPLES) as eval_writer:
+            pa.ipc.new_stream(train_sink, row_schema(data_args)) as train_writer, \
+            pa.ipc.new_stream(eval_sink, row_schema(data_args)) as eval_writer:
         writers = {"train": train_writer, "eval": eval_writer}
         for split, source, batch, part in tokenized_chunks(chunks(plan.routed(data_args)), tokenizer, data_args, total):
             writers[split].write_batch(batch)
@@ -460,6 +470,9 @@ def log_stats(stats: dict) -> None:
             s["truncated"], s["bad_records"], s["tokens"], 100 * s["trained_token_fraction"],
             s["ending_with_trained_end_token"], s["samples_kept"], s["length_percentiles"],
         )
+        if s["identical_pairs"] or s["prompt_too_long"]:
+            logger.info("%s data: preference pairs dropped: %d with identical sides, %d whose prompt alone fills "
+                        "--model_max_len", split, s["identical_pairs"], s["prompt_too_long"])
         if s.get("packed"):
             logger.info("%s data packed into %d rows of %d tokens: packing efficiency %.2f%% (real tokens / slots)",
                         split, s["rows"], stats["model_max_len"], 100 * s["packing_efficiency"])

@@ -107,6 +107,7 @@ def run_settings(model_args, data_args, args, paths, tokenizer, gen_config, stat
                                                 (f"LoRA+ ratio {args.loraplus_lr_ratio:g}" if args.loraplus_lr_ratio
                                                  else "", bool(args.loraplus_lr_ratio))) if on],
         "lora_model_dir": args.lora_model_dir,
+        "objective": objective(data_args, args),
         "precision": Precision.from_args(args).name,
         "learning_rate": args.learning_rate,
         "lr_scheduler_type": str(enum_value(args.lr_scheduler_type)),
@@ -194,6 +195,17 @@ def method(settings: dict) -> str:
             f"{settings['lora_dropout']:g} on {modules}{variants}")
 
 
+def objective(data_args, args) -> str | None:
+    """--rl: the preference method and its settings, as the card says them; None for SFT."""
+    if not data_args.rl:
+        return None
+    knobs = [f"beta {args.rl_beta:g}"] + ([f"gamma {args.simpo_gamma:g}"] if data_args.rl == "simpo" else []) + (
+        [f"label smoothing {args.label_smoothing:g}"] if args.label_smoothing else [])
+    reference = ("the base with the adapters disabled" if not args.full_finetune else "a frozen copy of the starting "
+                 "model") if data_args.rl in ("dpo", "ipo") else "none"
+    return f"{data_args.rl.upper()} on preference pairs ({', '.join(knobs)}; reference model: {reference})"
+
+
 def curves_title(settings: dict) -> str:
     base = os.path.basename(settings["base_model"].rstrip("/"))
     if settings["full_finetune"]:
@@ -251,7 +263,8 @@ def model_card(directory: str, report: dict, kind: str) -> str:
                          zip(settings["datasets"], settings["dataset_format"] * len(settings["datasets"])
                              if len(settings["dataset_format"]) == 1 else settings["dataset_format"]))
     fraction = settings.get("trained_token_fraction")
-    data_line = (f"{settings.get('train_samples', '?')} training samples ({settings.get('train_tokens', '?')} tokens, "
+    unit = "preference pairs" if settings.get("objective") else "training samples"
+    data_line = (f"{settings.get('train_samples', '?')} {unit} ({settings.get('train_tokens', '?')} tokens, "
                  f"{100 * fraction:.1f} % of them trained: the answers and their end tokens), "
                  if fraction is not None else "") + f"{settings.get('eval_samples', 0)} held out for evaluation."
     epochs = f"{metrics['epoch']:g} epochs" if "epoch" in metrics else f"{settings['num_train_epochs']:g} epochs"
@@ -275,6 +288,7 @@ def model_card(directory: str, report: dict, kind: str) -> str:
         "|---|---|",
         f"| base model | `{base}` |",
         f"| method | {method(settings)} |",
+        f"| objective | {settings.get('objective') or 'SFT (next-token loss on the answers)'} |",
         f"| precision | {settings['precision']}{', activation checkpointing' if settings['activation_checkpointing'] else ''} |",
         f"| learning rate | {settings['learning_rate']:g}, {settings['lr_scheduler_type']} schedule, {warmup(settings['warmup_steps'])}, weight decay {settings['weight_decay']:g} |",
         f"| optimizer | {settings['optimizer']}, max grad norm {settings['max_grad_norm']:g} |",

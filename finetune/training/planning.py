@@ -100,7 +100,7 @@ def count_parameters(config, vocab_size: int, args, new_tokens: bool) -> Paramet
     with torch.device("meta"), without_zero3_init():
         model = transformers.AutoModelForCausalLM.from_config(config)
         if vocab_size > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(vocab_size)
+            model.resize_token_embeddings(vocab_size, mean_resizing=False)  # meta tensors: no statistics to draw
     head = model.get_output_embeddings()
     frozen = knobs.frozen_layer_count(args.layers_to_freeze, args.layer_freeze_ratio, config.num_hidden_layers)
     if args.full_finetune:
@@ -132,8 +132,10 @@ def count_parameters(config, vocab_size: int, args, new_tokens: bool) -> Paramet
 
 
 def estimate_memory(config, counts: ParameterCounts, args, micro_batch: int, row_length: int, world_size: int,
-                    attn_implementation: str, fsdp: bool = False) -> tuple[dict, list]:
-    """Bytes per device for weights / gradients / optimizer / activations (see the module docstring)."""
+                    attn_implementation: str, fsdp: bool = False, preference: str | None = None) -> tuple[dict, list]:
+    """Bytes per device for weights / gradients / optimizer / activations (see the module docstring). With a
+    preference method (--rl) each micro-batch is 2 x micro_batch rows (chosen and rejected), and a full fine-tune
+    with a reference (dpo, ipo) holds a frozen copy of the weights; LoRA's reference is the same weights."""
     p = Precision.from_args(args).compute_bytes
     notes = []
     other = counts.total - counts.quantizable
@@ -170,7 +172,7 @@ def estimate_memory(config, counts: ParameterCounts, args, micro_batch: int, row
             weights = 0
     if fsdp:  # full shard: weights, gradients and optimizer states each split over the ranks
         weights, gradients, optimizer = weights / world_size, gradients / world_size, optimizer / world_size
-    tokens = micro_batch * row_length
+    tokens = micro_batch * row_length * (2 if preference else 1)
     kept, recomputed = activation_bytes_per_token(config, args, p, row_length, attn_implementation)
     if args.chunked_cross_entropy:
         loss = min(args.cross_entropy_chunk_size, tokens) * config.vocab_size * (p + 8)
@@ -178,6 +180,11 @@ def estimate_memory(config, counts: ParameterCounts, args, micro_batch: int, row
         loss = tokens * config.vocab_size * 4
     memory = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": tokens * kept,
               "backward_peak": max(loss, tokens * recomputed)}
+    if preference:
+        memory["reference"] = frozen if args.full_finetune and preference in ("dpo", "ipo") else 0
+        notes.append(f"--rl {preference}: {2 * micro_batch} rows per micro-batch (chosen and rejected); reference: "
+                     + ("a frozen copy of the weights" if memory["reference"] else "none held" if preference in
+                        ("orpo", "simpo") else "the same weights with the adapters disabled (no copy)"))
     memory["total"] = sum(memory.values())
     return memory, notes
 
@@ -219,17 +226,21 @@ def steps_per_epoch(train_samples: int, micro_batch: int, world_size: int, accum
 
 
 def make_plan(config, tokenizer, train_set, args, max_len: int, world_size: int, attn_implementation: str,
-              fsdp: bool = False) -> Plan:
+              fsdp: bool = False, preference: str | None = None) -> Plan:
     vocab = max(config.vocab_size, len(tokenizer))
     counts = count_parameters(config, vocab, args, new_tokens=len(tokenizer) > config.vocab_size)
     lengths = [len(ids) for ids in train_set["input_ids"]]
     real = [sum(1 for label in labels if label != -100) for labels in train_set["labels"]]
+    if preference:  # a pair row: its longer side sets the padded length
+        lengths = [max(a, len(b)) for a, b in zip(lengths, train_set["rejected_input_ids"])]
+        real = [a + sum(1 for label in labels if label != -100) for a, labels in zip(real, train_set["rejected_labels"])]
     micro, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
     per_epoch = steps_per_epoch(len(lengths), micro, world_size, accumulation)
     total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
     warmup = args.warmup_steps if args.warmup_steps >= 1 else math.ceil(args.warmup_steps * total)
-    memory, notes = estimate_memory(config, counts, args, micro, max(lengths), world_size, attn_implementation, fsdp)
-    worst, _ = estimate_memory(config, counts, args, micro, max_len, world_size, attn_implementation, fsdp)
+    memory, notes = estimate_memory(config, counts, args, micro, max(lengths), world_size, attn_implementation, fsdp,
+                                    preference)
+    worst, _ = estimate_memory(config, counts, args, micro, max_len, world_size, attn_implementation, fsdp, preference)
     samples_per_step = micro * accumulation * world_size
     return Plan(
         world_size=world_size, micro_batch=micro, accumulation=accumulation, samples_per_step=samples_per_step,
@@ -252,7 +263,8 @@ def describe(plan: Plan, args) -> str:
         f"steps: {plan.train_samples} training rows -> {plan.steps_per_epoch} per epoch x {plan.epochs:g} epochs = "
         f"{plan.total_steps} optimizer steps ({plan.warmup_steps} warmup)",
         f"memory per device, estimated (GiB): weights {m['weights']:.2f} + gradients {m['gradients']:.2f} + optimizer "
-        f"{m['optimizer']:.2f} + activations {m['activations']:.2f} + backward peak {m['backward_peak']:.2f} (longest micro-batch: "
+        f"{m['optimizer']:.2f} + activations {m['activations']:.2f} + backward peak {m['backward_peak']:.2f}"
+        + (f" + reference model {m['reference']:.2f}" if "reference" in m else "") + " (longest micro-batch: "
         f"{plan.micro_batch} x {plan.longest_row} tokens) = {m['total']:.2f}; with rows of --model_max_len: "
         f"activations {w['activations']:.2f}, backward peak {w['backward_peak']:.2f}, total {w['total']:.2f}; plus CUDA context and allocator slack (1-3 GiB)",
     ]

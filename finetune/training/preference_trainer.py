@@ -12,14 +12,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from finetune.training import preference
 from finetune.training.loss import IGNORE_INDEX, TrainedTokenLoss, sequence_logps
-from finetune.training.trainer import FinetuneTrainer
+from finetune.training.trainer import FinetuneTrainer, trainer_parts
+
+if TYPE_CHECKING:
+    from finetune.run_paths import RunPaths
+    from train import DataArguments, TrainingArguments
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -29,17 +36,18 @@ class PreferenceSettings:
     simpo_gamma: float = 0.5
     label_smoothing: float = 0.0
     chunk_size: int = 1024  # trained positions per chunk of the output head
+    chunked: bool = True  # the output head only at trained positions (False: the model's own full logits)
 
 
 class PairCollator:
-    """Pair rows {chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels} -> one padded batch of 2B
-    rows, chosen first (right padding; labels IGNORE_INDEX on padding)."""
+    """Pair rows (the prepared data of --rl: input_ids / labels of the chosen side, rejected_input_ids /
+    rejected_labels) -> one padded batch of 2B rows, chosen first (right padding; labels IGNORE_INDEX on padding)."""
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None):
         self.pad_token_id, self.pad_to_multiple_of = pad_token_id, pad_to_multiple_of
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        rows = [(f[f"{side}_input_ids"], f[f"{side}_labels"]) for side in ("chosen", "rejected") for f in features]
+        rows = [(f[f"{side}input_ids"], f[f"{side}labels"]) for side in ("", "rejected_") for f in features]
         length = max(len(ids) for ids, _ in rows)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -61,7 +69,11 @@ class PreferenceTrainer(FinetuneTrainer):
             raise ValueError(f"PreferenceTrainer trains pairs with one of {preference.METHODS[:-1]}, "
                              f"not {preference_settings.method!r}")
         self.loss_is_scaled_for_ga = False  # a mean over the micro-batch's pairs: the Trainer divides by accumulation
-        self.head_split, _ = TrainedTokenLoss.for_model(self.model, preference_settings.chunk_size)
+        self.head_split = None
+        if preference_settings.chunked:
+            self.head_split, why_not = TrainedTokenLoss.for_model(self.model, preference_settings.chunk_size)
+            if self.head_split is None:
+                logger.info("Preference log-probs from the model's full logits: %s", why_not)
         self.reference_model = None
         if preference_settings.method in preference.WITH_REFERENCE and not hasattr(self.model, "disable_adapter"):
             # a full fine-tune: the reference is a frozen copy of the starting weights
@@ -88,7 +100,8 @@ class PreferenceTrainer(FinetuneTrainer):
     def reference_logps(self, model, inputs: dict) -> preference.Logps:
         with torch.no_grad():
             if self.reference_model is not None:
-                split, _ = TrainedTokenLoss.for_model(self.reference_model, self.settings.chunk_size)
+                split = TrainedTokenLoss.for_model(self.reference_model, self.settings.chunk_size)[0] \
+                    if self.head_split is not None else None
                 return self.response_logps(self.reference_model, inputs, split)
             unwrapped = self.accelerator.unwrap_model(model)
             with unwrapped.disable_adapter() if hasattr(unwrapped, "disable_adapter") else contextlib.nullcontext():
@@ -140,3 +153,18 @@ class PreferenceTrainer(FinetuneTrainer):
                 logs[prefix + key] = round(sum(m[key] for m in pending) / len(pending), 6)
             pending.clear()
         super().log(logs, start_time)
+
+
+def build_preference_trainer(model, args: TrainingArguments, paths: RunPaths, data_args: DataArguments, tokenizer,
+                             train, evaluation, gen_config=None) -> PreferenceTrainer:
+    """The Trainer of --rl: pair batches, the method's loss, every other part as an SFT run's."""
+    settings = PreferenceSettings(data_args.rl, beta=args.rl_beta, simpo_gamma=args.simpo_gamma,
+                                  label_smoothing=args.label_smoothing, chunk_size=args.cross_entropy_chunk_size,
+                                  chunked=args.chunked_cross_entropy)
+    logger.info("Preference optimization: --rl %s, beta %g%s; reference: %s", settings.method, settings.beta,
+                f", gamma {settings.simpo_gamma:g}" if settings.method == "simpo" else "",
+                "none (the method compares the policy's own log-probs)" if settings.method not in preference.WITH_REFERENCE
+                else "the base with the adapters disabled" if hasattr(model, "disable_adapter") else "a frozen copy of the model")
+    return PreferenceTrainer(data_collator=PairCollator(tokenizer.pad_token_id, data_args.pad_to_multiple_of),
+                             preference_settings=settings,
+                             **trainer_parts(model, args, paths, tokenizer, train, evaluation, gen_config))

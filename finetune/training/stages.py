@@ -18,6 +18,7 @@ from finetune.modeling.adapters import MUTATED_INITS, add_adapters, save_initial
 from finetune.modeling.loading import load_model
 from finetune.modeling.tokenizer import load_tokenizer
 from finetune.training import planning
+from finetune.training.preference_trainer import build_preference_trainer
 from finetune.training.trainer import FinetuneTrainer, build_trainer
 
 if TYPE_CHECKING:
@@ -53,7 +54,8 @@ def build_stages(model_args: ModelArguments, data_args: DataArguments, args: Tra
         stages.model = add_adapters(model, args, new_tokens)
         if args.init_lora_weights in MUTATED_INITS and not args.lora_model_dir and args.process_index == 0:
             save_initial_adapter(stages.model, paths.initial_adapter)  # the same on every (re)start: a seeded init
-        stages.trainer = build_trainer(stages.model, args, paths, data_args, tokenizer, train_set, eval_set, gen_config)
+        build = build_preference_trainer if data_args.rl else build_trainer
+        stages.trainer = build(stages.model, args, paths, data_args, tokenizer, train_set, eval_set, gen_config)
     return stages
 
 
@@ -134,7 +136,7 @@ def dry_run(config, model_args: ModelArguments, data_args: DataArguments, args: 
     train_set, _, _ = build_datasets(data_args, args, paths, tokenizer, write=False)
     world_size = args.dry_run_world_size or args.world_size
     plan = planning.make_plan(config, tokenizer, train_set, args, data_args.model_max_len, world_size,
-                              model_args.attn_implementation, fsdp=fsdp_requested(args))
+                              model_args.attn_implementation, fsdp=fsdp_requested(args), preference=data_args.rl)
     logger.info("%s", planning.describe(plan, args))
     logger.info("plan-json: %s", plan.as_json())
     if torch.cuda.is_available():

@@ -5,6 +5,11 @@ Measurement, not training: it only reads the model and the data; FinetuneTrainer
 
 The FLOPs are *model* FLOPs (what the architecture needs per trained token), not hardware FLOPs: padding,
 activation-checkpointing recompute and 4-bit dequantization are not counted, as in the PaLM paper's MFU.
+Model FLOPs per trained token = 2N (forward) + 2N (backward to the activations) + 2N_trained (backward to the
+trained weights) + 12*L*H*T (attention, PaLM appendix B): N = the weights of all linear layers (output head
+included, embedding lookup not, 4-bit layers at full size), L layers, H = heads x head dim, T = the mean attention
+context per token. That is 6N + 12LHT for a full fine-tune and ~4N + 12LHT for LoRA on a frozen base.
+mfu = tokens/s x model FLOPs per token / (processes x --peak_tflops).
 """
 
 from __future__ import annotations

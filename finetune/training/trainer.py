@@ -117,6 +117,15 @@ def loss_for(model, args: TrainingArguments) -> Optional[TrainedTokenLoss]:
 def build_trainer(model, args: TrainingArguments, paths: RunPaths, data_args: DataArguments, tokenizer, train,
                   evaluation, gen_config=None) -> FinetuneTrainer:
     """Packed rows carry position_ids and no attention mask; one collator handles both row kinds."""
+    return FinetuneTrainer(
+        trained_token_loss=loss_for(model, args),
+        data_collator=Collator(tokenizer.pad_token_id, data_args.pad_to_multiple_of),
+        **trainer_parts(model, args, paths, tokenizer, train, evaluation, gen_config),
+    )
+
+
+def trainer_parts(model, args: TrainingArguments, paths: RunPaths, tokenizer, train, evaluation, gen_config) -> dict:
+    """What every Trainer of a run gets (SFT and preference): its arguments, data, callbacks, throughput meter."""
     if args.eval_strategy == "no":
         evaluation = None
     model.config.use_cache = False  # with a cache, transformers would not look for packed sequences
@@ -130,14 +139,5 @@ def build_trainer(model, args: TrainingArguments, paths: RunPaths, data_args: Da
         # the first N eval samples' trained prompts, answered at every evaluation
         pairs = inference.sample_prompts(evaluation, args.eval_generation_samples)
         callbacks.append(EvalGenerationCallback(tokenizer, pairs, gen_config, args.per_device_eval_batch_size))
-    return FinetuneTrainer(
-        model=model,
-        trained_token_loss=loss_for(model, args),
-        args=trainer_arguments(args, paths),
-        train_dataset=train,
-        eval_dataset=evaluation,
-        data_collator=Collator(tokenizer.pad_token_id, data_args.pad_to_multiple_of),
-        processing_class=tokenizer,
-        callbacks=callbacks,
-        throughput=meter,
-    )
+    return {"model": model, "args": trainer_arguments(args, paths), "train_dataset": train,
+            "eval_dataset": evaluation, "processing_class": tokenizer, "callbacks": callbacks, "throughput": meter}
