@@ -239,3 +239,44 @@ def test_lora_dpo_holds_one_copy_of_the_base_and_the_plan_says_what_each_mode_ho
     assert plans["full"]["dpo"]["reference"] == plans["full"]["dpo"]["weights"] > 0
     for mode in plans:  # chosen and rejected rows: twice the activations of one side at the same length
         assert plans[mode]["dpo"]["activations"] >= 2 * plans[mode][None]["activations"] > 0
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_an_interrupted_dpo_run_resumes_to_the_uninterrupted_weights(tiny_model, reverse_pairs, tmp_path, mode):
+    from test_peft_variants import resume_at_step_2, worst_state_difference
+
+    flags = (*FLAGS, *(LORA if mode == "lora" else ("--full_finetune",)), "--rl", "dpo", "--max_steps", "4",
+             "--eval_strategy", "no", "--eval_dataset_size", "0")
+    straight = build_stages(tiny_model, reverse_pairs, tmp_path / "straight", *flags)
+    straight.trainer.train()
+    resumed = resume_at_step_2(tiny_model, reverse_pairs, tmp_path / "crashed", flags)
+    assert worst_state_difference(resumed, straight.model) <= 1e-6
+
+
+@pytest.mark.parametrize("mode", ["full-zero2", "qlora-zero3"])
+def test_dpo_under_torchrun_2_procs_and_deepspeed(tiny_model, reverse_pairs, tmp_path, mode):
+    """What users launch: 2 ranks, DeepSpeed ZeRO-2 with a full fine-tune (its frozen reference copy on each rank)
+    or ZeRO-3 with QLoRA (the reference is the sharded base with the adapters off); rank 0 writes the outputs."""
+    import sys
+
+    from conftest import run, train_py
+
+    shape = (["--full_finetune", "--bits", "32", "--deepspeed", os.path.join(ROOT, "deepspeed-7b.json"), "--learning_rate", "1e-3"]
+             if mode == "full-zero2" else
+             ["--bits", "4", "--quant_storage", "float32", *LORA, "--deepspeed",
+              os.path.join(ROOT, "configs", "deepspeed-zero3.json"), "--merged_output_dir", str(tmp_path / "merged"),
+              "--merge_verify_samples", "1", "--learning_rate", "5e-3"])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+               *train_py()[1:], "--model_name_or_path", tiny_model, "--dataset", reverse_pairs, "--dataset_format",
+               "chatml", "--rl", "dpo", "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--max_steps", "8",
+               "--per_device_train_batch_size", "4", "--logging_steps", "4", "--eval_dataset_size", "16",
+               "--eval_strategy", "steps", "--eval_steps", "8", "--save_strategy", "no", "--seed", "5",
+               "--disable_tqdm", "true", *shape]
+    result = run(command, cwd=str(tmp_path))
+    assert result.returncode == 0, result.output[-5000:]
+    assert "world size 2" in result.output and (tmp_path / "out" / "completed").exists()
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    evals = [entry for entry in metrics.get("log_history", []) if "eval_rewards/margins" in entry]
+    assert evals and evals[-1]["eval_rewards/margins"] > 0
+    if mode == "qlora-zero3":
+        assert json.loads((tmp_path / "merged" / "merge_verification.json").read_text())["samples"] == 1

@@ -149,8 +149,15 @@ class PreferenceTrainer(FinetuneTrainer):
         pending = self.pending[kind]
         if pending and ("loss" in logs or kind == "eval"):
             prefix = "eval_" if kind == "eval" else ""
-            for key in pending[0]:
-                logs[prefix + key] = round(sum(m[key] for m in pending) / len(pending), 6)
+            keys = list(pending[0])
+            means = torch.tensor([sum(m[key] for m in pending) / len(pending) for key in keys], dtype=torch.float64)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # every rank logs at the same steps: the metrics of all ranks' batches, as the loss is
+                means = means.to(self.args.device)  # NCCL reduces on the GPU
+                torch.distributed.all_reduce(means)
+                means = means.cpu() / torch.distributed.get_world_size()
+            for key, value in zip(keys, means.tolist()):
+                logs[prefix + key] = round(value, 6)
             pending.clear()
         super().log(logs, start_time)
 
