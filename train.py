@@ -452,6 +452,12 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "--rl dpo/simpo: the probability that a pair's preference is flipped, in [0, 0.5) "
                   "(conservative DPO; axolotl's dpo_label_smoothing). 0: plain DPO."},
     )
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={"help": "--rl dpo/ipo: compute the reference's log-probs of every pair once, before training (stored "
+                  "next to the prepared data, keyed by it and the base model, and reused on resume), instead of a "
+                  "reference forward per step; a full fine-tune then holds no frozen copy. Not with ZeRO-3 / FSDP."},
+    )
     layers_to_freeze: Optional[int] = field(
         default=None,
         metadata={"help": "Freeze the first N decoder layers, 0 <= N < the model's layer count (None or 0: none). "

@@ -280,3 +280,28 @@ def test_dpo_under_torchrun_2_procs_and_deepspeed(tiny_model, reverse_pairs, tmp
     assert evals and evals[-1]["eval_rewards/margins"] > 0
     if mode == "qlora-zero3":
         assert json.loads((tmp_path / "merged" / "merge_verification.json").read_text())["samples"] == 1
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_precomputed_reference_log_probs_train_as_the_live_reference_and_are_reused(tiny_model, reverse_pairs,
+                                                                                    tmp_path, mode, caplog):
+    import logging
+
+    flags = (*FLAGS, *(LORA if mode == "lora" else ("--full_finetune",)), "--rl", "dpo", "--max_steps", "4")
+    live = build_stages(tiny_model, reverse_pairs, tmp_path / "live", *flags)
+    live.trainer.train()
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        stored = build_stages(tiny_model, reverse_pairs, tmp_path / "stored", *flags, "--precompute_ref_log_probs")
+    assert stored.trainer.reference_model is None  # no frozen copy, also for the full fine-tune
+    assert "reference log-probs of 80 pairs computed" in caplog.text
+    cached = list((tmp_path / "stored" / "prepared_data").glob("reference_logps-*.npz"))
+    assert len(cached) == 2  # train and eval
+    stored.trainer.train()
+    first, second = live.trainer.state.log_history, stored.trainer.state.log_history
+    assert [e["loss"] for e in first if "loss" in e] == pytest.approx([e["loss"] for e in second if "loss" in e], abs=1e-5)
+    assert max((a - b).abs().max().item() for a, b in zip(live.model.state_dict().values(),
+                                                          stored.model.state_dict().values())) <= 1e-5
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="finetune"):  # a re-run (a resume) reads them back
+        build_stages(tiny_model, reverse_pairs, tmp_path / "stored", *flags, "--precompute_ref_log_probs")
+    assert "reference log-probs of 80 pairs read from" in caplog.text and "pairs computed" not in caplog.text

@@ -185,7 +185,8 @@ def check_adapter_flags(args: TrainingArguments) -> None:
 
 
 PREFERENCE_FLAGS = {"rl_beta": ("dpo", "ipo", "orpo", "simpo"), "simpo_gamma": ("simpo",),
-                    "label_smoothing": ("dpo", "simpo")}  # flag -> the --rl methods that read it
+                    "label_smoothing": ("dpo", "simpo"), "precompute_ref_log_probs": ("dpo", "ipo")}  # flag -> the
+# --rl methods that read it
 
 
 def check_preference_flags(data_args: DataArguments, args: TrainingArguments) -> None:
@@ -212,11 +213,14 @@ def check_preference_flags(data_args: DataArguments, args: TrainingArguments) ->
         raise UsageError(f"--rl {method} compares each pair's two answers after their shared prompt, so "
                          f"{', '.join(packing + ['--train_on_source'] * data_args.train_on_source)} cannot apply; "
                          "drop it")
-    if method in ("dpo", "ipo") and args.full_finetune and (preflight.fsdp_requested(args)
-                                                           or preflight.deepspeed_settings(args).get("stage") == 3):
+    sharded = preflight.fsdp_requested(args) or preflight.deepspeed_settings(args).get("stage") == 3
+    if method in ("dpo", "ipo") and args.full_finetune and sharded and not args.precompute_ref_log_probs:
         raise UsageError(f"--rl {method} --full_finetune keeps a frozen reference copy of the model, which is not "
                          "built for ZeRO-3 / FSDP sharding yet; use ZeRO-2, LoRA (the reference is the base with the "
                          "adapters off), or --rl orpo / simpo (no reference)")
+    if args.precompute_ref_log_probs and sharded:
+        raise UsageError("--precompute_ref_log_probs runs the reference before the sharded model exists; under "
+                         "ZeRO-3 / FSDP drop it (LoRA's reference costs no memory) or use ZeRO-2")
 
 
 def check_training_knobs(data_args: DataArguments, args: TrainingArguments) -> None:

@@ -181,9 +181,11 @@ def estimate_memory(config, counts: ParameterCounts, args, micro_batch: int, row
     memory = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": tokens * kept,
               "backward_peak": max(loss, tokens * recomputed)}
     if preference:
-        memory["reference"] = frozen if args.full_finetune and preference in ("dpo", "ipo") else 0
+        memory["reference"] = frozen if (args.full_finetune and preference in ("dpo", "ipo")
+                                         and not args.precompute_ref_log_probs) else 0
         notes.append(f"--rl {preference}: {2 * micro_batch} rows per micro-batch (chosen and rejected); reference: "
-                     + ("a frozen copy of the weights" if memory["reference"] else "none held" if preference in
+                     + ("a frozen copy of the weights" if memory["reference"] else "precomputed, none held"
+                        if args.precompute_ref_log_probs else "none held" if preference in
                         ("orpo", "simpo") else "the same weights with the adapters disabled (no copy)"))
     memory["total"] = sum(memory.values())
     return memory, notes

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import logging
+import os
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
@@ -37,6 +41,7 @@ class PreferenceSettings:
     label_smoothing: float = 0.0
     chunk_size: int = 1024  # trained positions per chunk of the output head
     chunked: bool = True  # the output head only at trained positions (False: the model's own full logits)
+    precomputed_reference: bool = False  # reference log-probs come with the batches (attach_reference_logps)
 
 
 class PairCollator:
@@ -58,7 +63,14 @@ class PairCollator:
             ids[row, :len(row_ids)] = torch.tensor(row_ids)
             labels[row, :len(row_labels)] = torch.tensor(row_labels)
             mask[row, :len(row_ids)] = 1
-        return {"input_ids": ids, "attention_mask": mask, "preference_labels": labels}
+        batch = {"input_ids": ids, "attention_mask": mask, "preference_labels": labels}
+        if REFERENCE_COLUMNS[0] in features[0]:  # --precompute_ref_log_probs
+            batch["reference_logps"] = torch.tensor([f[column] for column in REFERENCE_COLUMNS for f in features],
+                                                    dtype=torch.float32)
+        return batch
+
+
+REFERENCE_COLUMNS = ("reference_chosen_logps", "reference_rejected_logps")
 
 
 class PreferenceTrainer(FinetuneTrainer):
@@ -75,7 +87,8 @@ class PreferenceTrainer(FinetuneTrainer):
             if self.head_split is None:
                 logger.info("Preference log-probs from the model's full logits: %s", why_not)
         self.reference_model = None
-        if preference_settings.method in preference.WITH_REFERENCE and not hasattr(self.model, "disable_adapter"):
+        if (preference_settings.method in preference.WITH_REFERENCE and not hasattr(self.model, "disable_adapter")
+                and not preference_settings.precomputed_reference):
             # a full fine-tune: the reference is a frozen copy of the starting weights
             self.reference_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.pending: dict[str, list[dict[str, float]]] = {"train": [], "eval": []}
@@ -98,6 +111,8 @@ class PreferenceTrainer(FinetuneTrainer):
         return preference.Logps(total, count)
 
     def reference_logps(self, model, inputs: dict) -> preference.Logps:
+        """The reference's log-probs: a frozen copy, the model with its adapters off, or (only while precomputing,
+        before any step) the full fine-tune's model itself."""
         with torch.no_grad():
             if self.reference_model is not None:
                 split = TrainedTokenLoss.for_model(self.reference_model, self.settings.chunk_size)[0] \
@@ -117,7 +132,12 @@ class PreferenceTrainer(FinetuneTrainer):
         settings, method = self.settings, self.settings.method
         ref_chosen = ref_rejected = None
         if method in preference.WITH_REFERENCE:
-            reference = self.reference_logps(model, inputs)
+            if "reference_logps" in inputs:
+                reference = preference.Logps(inputs["reference_logps"].to(policy.total.dtype), policy.count)
+            elif self.settings.precomputed_reference and not hasattr(self.accelerator.unwrap_model(model), "disable_adapter"):
+                raise RuntimeError("--precompute_ref_log_probs: a batch came without its reference log-probs")
+            else:
+                reference = self.reference_logps(model, inputs)
             ref_chosen, ref_rejected = (preference.Logps(reference.total[s], reference.count[s])
                                         for s in (slice(0, pairs), slice(pairs, None)))
         if method == "dpo":
@@ -144,6 +164,45 @@ class PreferenceTrainer(FinetuneTrainer):
             loss = self.compute_loss(model, inputs).detach()
         return loss, None, None
 
+    def attach_reference_logps(self, dataset, cache: str):
+        """--precompute_ref_log_probs: the dataset with each pair's reference log-probs as two columns, read from
+        `cache` (a .npz) when a run already computed them, else computed now (before any step, so a full fine-tune's
+        model is still the reference) in dataset order by every rank alike, and written by rank 0."""
+        import numpy as np
+
+        if os.path.isfile(cache):
+            with np.load(cache) as stored:
+                values = [stored[column] for column in REFERENCE_COLUMNS]
+            if all(len(v) == len(dataset) for v in values):
+                logger.info("reference log-probs of %d pairs read from %s", len(dataset), cache)
+                return self.with_reference_columns(dataset, values)
+        started, model = time.monotonic(), self.model
+        was_training = model.training
+        model.eval()
+        chosen, rejected = [], []
+        size = self.args.per_device_eval_batch_size
+        for start in range(0, len(dataset), size):
+            rows = [dataset[i] for i in range(start, min(start + size, len(dataset)))]
+            batch = {k: v.to(self.args.device) for k, v in PairCollator(self.processing_class.pad_token_id)(rows).items()}
+            logps = self.reference_logps(model, batch).total.float().cpu()
+            chosen += logps[:len(rows)].tolist()
+            rejected += logps[len(rows):].tolist()
+        model.train(was_training)
+        values = [np.array(chosen, dtype=np.float32), np.array(rejected, dtype=np.float32)]
+        if self.args.process_index == 0:
+            partial = f"{cache}.tmp-{os.getpid()}.npz"
+            np.savez(partial, **dict(zip(REFERENCE_COLUMNS, values)))
+            os.replace(partial, cache)
+        logger.info("reference log-probs of %d pairs computed in %.1f s, stored in %s", len(dataset),
+                    time.monotonic() - started, cache)
+        return self.with_reference_columns(dataset, values)
+
+    @staticmethod
+    def with_reference_columns(dataset, values):
+        for column, value in zip(REFERENCE_COLUMNS, values):
+            dataset = dataset.add_column(column, value.tolist())
+        return dataset
+
     def log(self, logs: dict, start_time: Optional[float] = None) -> None:
         kind = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         pending = self.pending[kind]
@@ -167,11 +226,32 @@ def build_preference_trainer(model, args: TrainingArguments, paths: RunPaths, da
     """The Trainer of --rl: pair batches, the method's loss, every other part as an SFT run's."""
     settings = PreferenceSettings(data_args.rl, beta=args.rl_beta, simpo_gamma=args.simpo_gamma,
                                   label_smoothing=args.label_smoothing, chunk_size=args.cross_entropy_chunk_size,
-                                  chunked=args.chunked_cross_entropy)
+                                  chunked=args.chunked_cross_entropy,
+                                  precomputed_reference=args.precompute_ref_log_probs)
     logger.info("Preference optimization: --rl %s, beta %g%s; reference: %s", settings.method, settings.beta,
                 f", gamma {settings.simpo_gamma:g}" if settings.method == "simpo" else "",
                 "none (the method compares the policy's own log-probs)" if settings.method not in preference.WITH_REFERENCE
-                else "the base with the adapters disabled" if hasattr(model, "disable_adapter") else "a frozen copy of the model")
-    return PreferenceTrainer(data_collator=PairCollator(tokenizer.pad_token_id, data_args.pad_to_multiple_of),
-                             preference_settings=settings,
-                             **trainer_parts(model, args, paths, tokenizer, train, evaluation, gen_config))
+                else ("precomputed from " if settings.precomputed_reference else "")
+                + ("the base with the adapters disabled" if hasattr(model, "disable_adapter") else
+                   "the starting model" if settings.precomputed_reference else "a frozen copy of the model"))
+    trainer = PreferenceTrainer(data_collator=PairCollator(tokenizer.pad_token_id, data_args.pad_to_multiple_of),
+                                preference_settings=settings,
+                                **trainer_parts(model, args, paths, tokenizer, train, evaluation, gen_config))
+    if settings.precomputed_reference:
+        key = reference_key(model, args, paths)
+        trainer.train_dataset = trainer.attach_reference_logps(
+            trainer.train_dataset, os.path.join(paths.prepared, f"reference_logps-train-{key}.npz"))
+        if trainer.eval_dataset is not None:
+            trainer.eval_dataset = trainer.attach_reference_logps(
+                trainer.eval_dataset, os.path.join(paths.prepared, f"reference_logps-eval-{key}.npz"))
+    return trainer
+
+
+def reference_key(model, args: TrainingArguments, paths: RunPaths) -> str:
+    """What the reference log-probs depend on: the prepared data (its fingerprint) and the reference weights (the
+    base model as loaded: path, bits, quantization)."""
+    with open(os.path.join(paths.prepared, "stats.json")) as handle:
+        data = json.load(handle)["fingerprint"]
+    base = getattr(model, "get_base_model", lambda: model)()
+    settings = [data, base.config._name_or_path, args.bits, args.quant_type, args.double_quant, args.full_finetune]
+    return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
