@@ -270,12 +270,14 @@ class DataArguments:
     rl: Optional[str] = field(
         default=None,
         metadata={"help": "Preference optimization instead of SFT (axolotl's rl): dpo, ipo, orpo or simpo on pair records "
-                  "{prompt | messages | conversations, chosen, rejected} (hh-rlhf: two whole transcripts) rendered by "
+                  "{prompt | messages | conversations, chosen, rejected} (hh-rlhf: two whole transcripts), kto on "
+                  "unpaired ones {prompt | messages | conversations, completion, label: true|false}, rendered by "
                   "--dataset_format: both sides share the prompt ids SFT would train on, and only each final answer "
                   "(with its end token) is compared; identical pairs and prompts that fill --model_max_len are dropped "
-                  "and counted. dpo/ipo compare with a reference: the base with the adapters off (LoRA/QLoRA: no "
+                  "and counted. dpo/ipo/kto compare with a reference: the base with the adapters off (LoRA/QLoRA: no "
                   "second copy) or a frozen copy (full fine-tune). Knobs: --rl_beta, --simpo_gamma, "
-                  "--label_smoothing. None: SFT.", "choices": ["dpo", "ipo", "orpo", "simpo"]},
+                  "--label_smoothing, --desirable_weight, --undesirable_weight. None: SFT.",
+                  "choices": ["dpo", "ipo", "orpo", "simpo", "kto"]},
     )
 
     def __post_init__(self):
@@ -447,6 +449,9 @@ class TrainingArguments(transformers.TrainingArguments):
                   "the weight of the odds-ratio term (TRL's beta, axolotl's rl_beta)."},
     )
     simpo_gamma: float = field(default=0.5, metadata={"help": "--rl simpo: the target reward margin (>= 0)."})
+    desirable_weight: float = field(default=1.0, metadata={"help": "--rl kto: loss weight of desirable answers (> 0)."})
+    undesirable_weight: float = field(
+        default=1.0, metadata={"help": "--rl kto: loss weight of undesirable answers (> 0; balance a skewed label mix)."})
     label_smoothing: float = field(
         default=0.0,
         metadata={"help": "--rl dpo/simpo: the probability that a pair's preference is flipped, in [0, 0.5) "
@@ -586,6 +591,8 @@ class TrainingArguments(transformers.TrainingArguments):
         require(self.lora_model_dir is None or os.path.isfile(os.path.join(self.lora_model_dir, "adapter_config.json")),
                 f"--lora_model_dir {self.lora_model_dir}: no adapter_config.json there; pass the directory a LoRA run "
                 "saved its adapter to (its --output_dir) or one of its checkpoint-N directories")
+        require(self.desirable_weight > 0 and self.undesirable_weight > 0,
+                "--desirable_weight and --undesirable_weight must be > 0")
         require(self.rl_beta > 0 and self.simpo_gamma >= 0 and 0 <= self.label_smoothing < 0.5,
                 f"--rl_beta must be > 0 (got {self.rl_beta}), --simpo_gamma >= 0 (got {self.simpo_gamma}), "
                 f"--label_smoothing in [0, 0.5) (got {self.label_smoothing})")

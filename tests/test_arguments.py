@@ -81,7 +81,8 @@ BAD_FLAGS = [
     (["--rl", "orpo", "--train_on_source"], "so --train_on_source cannot apply"),
     (["--rl_beta", "0.2"], "--rl_beta 0.2: preference settings, but no --rl"),
     (["--rl", "dpo", "--simpo_gamma", "1"], "--simpo_gamma 1.0: not read by --rl dpo"),
-    (["--rl", "kto"], "invalid choice: 'kto'"),
+    (["--rl", "kto", "--per_device_train_batch_size", "1"], "--rl kto compares each answer with the batch's mismatched"),
+    (["--rl", "kto", "--label_smoothing", "0.1"], "--label_smoothing 0.1: not read by --rl kto"),
     (["--rl", "orpo", "--precompute_ref_log_probs"], "--precompute_ref_log_probs True: not read by --rl orpo"),
     (["--rl", "dpo", "--label_smoothing", "0.5"], "--label_smoothing in [0, 0.5) (got 0.5)"),
 ]

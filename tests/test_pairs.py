@@ -305,3 +305,52 @@ def test_precomputed_reference_log_probs_train_as_the_live_reference_and_are_reu
     with caplog.at_level(logging.INFO, logger="finetune"):  # a re-run (a resume) reads them back
         build_stages(tiny_model, reverse_pairs, tmp_path / "stored", *flags, "--precompute_ref_log_probs")
     assert "reference log-probs of 80 pairs read from" in caplog.text and "pairs computed" not in caplog.text
+
+
+# --- KTO: unpaired answers, desirable or not --------------------------------------------------------------------------
+
+
+def test_kto_records_render_one_answer_after_the_sft_prompt_with_its_label(tiny_tokenizer):
+    args = train.DataArguments(dataset=["kto.jsonl"], dataset_format=["llama2_chat"], rl="kto")
+    records = [{"prompt": "Name a colour.", "completion": "Blue.", "label": True},
+               {"messages": [{"role": "user", "content": "Name a colour."}], "completion": "Seven.", "label": False}]
+    rows, stats = data.tokenize_records([data.Record(r, f"kto.jsonl:{i + 1}", "llama2_chat") for i, r in enumerate(records)],
+                                        tiny_tokenizer, args)
+    assert [row["kto_label"] for row in rows] == [True, False] and stats.desirable == 1 and stats.samples_kept == 2
+    starts = [first_trained(row["labels"]) for row in rows]
+    assert rows[0]["input_ids"][:starts[0]] == rows[1]["input_ids"][:starts[1]]
+    sft = {"conversations": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]}
+    assert rows[0]["input_ids"][:starts[0]] == sft_prompt_of_last_answer(sft, "llama2_chat", tiny_tokenizer)
+    assert rows[0]["labels"][-1] == tiny_tokenizer.eos_token_id
+    with pytest.raises(data.DataError, match="kto.jsonl:1: field 'label' must be true"):
+        data.tokenize_records([data.Record({**records[0], "label": "yes"}, "kto.jsonl:1", "llama2_chat")],
+                              tiny_tokenizer, args)
+
+
+def test_the_kto_collator_pairs_each_prompt_with_the_next_answer_for_the_kl_point():
+    from finetune.training.preference_trainer import UnpairedCollator
+
+    rows = [{"input_ids": [1, 5, 6, 7, 2], "labels": [-100, -100, 6, 7, 2], "kto_label": True},
+            {"input_ids": [1, 8, 9, 2], "labels": [-100, -100, 9, 2], "kto_label": False}]
+    batch = UnpairedCollator(0)(rows)
+    assert batch["kto_desirable"].tolist() == [True, False]
+    assert batch["kl_input_ids"][0, :4].tolist() == [1, 5, 9, 2] and batch["kl_input_ids"][1].tolist() == [1, 8, 6, 7, 2]
+    assert batch["kl_preference_labels"][0].tolist() == [-100, -100, 9, 2, -100]
+    assert batch["kl_attention_mask"][0].tolist() == [1, 1, 1, 1, 0]
+
+
+def test_kto_through_train_py_separates_desirable_from_undesirable_on_held_out_prompts(tiny_model, tmp_path):
+    with open(os.path.join(ROOT, "demo", "reverse_train.jsonl")) as handle:
+        rows = [json.loads(line) for line in handle][:96]
+    records = [{"prompt": row["instruction"], "completion": row["response"] if i % 2 else row["response"].upper(),
+                "label": bool(i % 2)} for i, row in enumerate(rows)]
+    data_file = write_jsonl(tmp_path / "kto.jsonl", records)
+    built = build_stages(tiny_model, data_file, tmp_path / "out", *FLAGS, *LORA, "--rl", "kto", "--max_steps", "30")
+    assert built.trainer.reference_model is None and built.stats["train"]["desirable"] > 30
+    before = built.trainer.evaluate()
+    built.trainer.train()
+    after = built.trainer.evaluate()
+    assert abs(before["eval_rewards/chosen"]) < 1e-6 and abs(before["eval_rewards/rejected"]) < 1e-6
+    assert after["eval_rewards/chosen"] - after["eval_rewards/rejected"] > 0.5
+    logged = [entry for entry in built.trainer.state.log_history if "loss" in entry]
+    assert logged and all("kl" in entry and "rewards/chosen" in entry for entry in logged)

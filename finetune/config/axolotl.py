@@ -26,7 +26,7 @@ RENAMED = {
     "wandb_name": "run_name", "gradient_checkpointing": "activation_checkpointing",
     "lora_modules_to_save": "lora_modules_to_save", "default_system_message": "default_system_prompt",
     "peft_use_dora": "use_dora", "peft_use_rslora": "use_rslora", "dpo_label_smoothing": "label_smoothing",
-    "orpo_alpha": "rl_beta",
+    "orpo_alpha": "rl_beta", "kto_desirable_weight": "desirable_weight", "kto_undesirable_weight": "undesirable_weight",
 }
 SAME = {
     "lora_r", "lora_alpha", "lora_dropout", "sample_packing", "eval_sample_packing", "gradient_accumulation_steps",

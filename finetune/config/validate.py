@@ -184,9 +184,9 @@ def check_adapter_flags(args: TrainingArguments) -> None:
                              "resume it)")
 
 
-PREFERENCE_FLAGS = {"rl_beta": ("dpo", "ipo", "orpo", "simpo"), "simpo_gamma": ("simpo",),
-                    "label_smoothing": ("dpo", "simpo"), "precompute_ref_log_probs": ("dpo", "ipo")}  # flag -> the
-# --rl methods that read it
+PREFERENCE_FLAGS = {"rl_beta": ("dpo", "ipo", "orpo", "simpo", "kto"), "simpo_gamma": ("simpo",),
+                    "label_smoothing": ("dpo", "simpo"), "precompute_ref_log_probs": ("dpo", "ipo"),
+                    "desirable_weight": ("kto",), "undesirable_weight": ("kto",)}  # flag -> the --rl methods reading it
 
 
 def check_preference_flags(data_args: DataArguments, args: TrainingArguments) -> None:
@@ -214,7 +214,10 @@ def check_preference_flags(data_args: DataArguments, args: TrainingArguments) ->
                          f"{', '.join(packing + ['--train_on_source'] * data_args.train_on_source)} cannot apply; "
                          "drop it")
     sharded = preflight.fsdp_requested(args) or preflight.deepspeed_settings(args).get("stage") == 3
-    if method in ("dpo", "ipo") and args.full_finetune and sharded and not args.precompute_ref_log_probs:
+    if method == "kto" and args.per_device_train_batch_size < 2:
+        raise UsageError("--rl kto compares each answer with the batch's mismatched prompt/answer pairs (its KL "
+                         "reference point); pass --per_device_train_batch_size 2 or more")
+    if method in ("dpo", "ipo", "kto") and args.full_finetune and sharded and not args.precompute_ref_log_probs:
         raise UsageError(f"--rl {method} --full_finetune keeps a frozen reference copy of the model, which is not "
                          "built for ZeRO-3 / FSDP sharding yet; use ZeRO-2, LoRA (the reference is the base with the "
                          "adapters off), or --rl orpo / simpo (no reference)")

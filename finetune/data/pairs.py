@@ -1,4 +1,5 @@
-"""Preference pairs (--rl dpo|ipo|orpo|simpo): one record -> a chosen and a rejected sample that share their prompt ids.
+"""Preference pairs (--rl dpo|ipo|orpo|simpo): one record -> a chosen and a rejected sample that share their prompt ids;
+and unpaired preference records (--rl kto): one record -> one sample with a desirable / undesirable label.
 
 Each side is rendered as the SFT record the dataset's format already reads (a conversation ending in that side's
 answer, an instruction record with that side as its response, or an hh-rlhf transcript) and goes through the one
@@ -15,6 +16,8 @@ Record layouts (the format's `pairs` says which it reads; dataset_formats.py):
   instruction field when that is missing.
 - transcripts (hh-rlhf): {chosen, rejected}, each a whole "\\n\\nHuman: ...\\n\\nAssistant: ..." dialogue; the shared
   prefix ends at the last assistant turn.
+- KTO: the same layouts with one `completion` (string, turn or turns; hh-rlhf: a whole transcript) and a boolean
+  `label` instead of chosen / rejected.
 """
 
 from __future__ import annotations
@@ -26,37 +29,38 @@ from finetune.data.conversations import CONVERSATION_FIELDS, ROLE_ALIASES
 from finetune.data.segments import IGNORE_INDEX, RecordError, Segment, encode_segments
 
 SIDES = ("chosen", "rejected")
+UNPAIRED = ("completion", "label")  # KTO: one answer, desirable or not
 
 
-def side_records(record: dict, layout) -> tuple[dict, dict]:
-    """(chosen record, rejected record), each in the layout its format reads."""
-    for side in SIDES:
+def side_records(record: dict, layout, sides: tuple[str, ...] = SIDES) -> list[dict]:
+    """One record per side (chosen and rejected; KTO: the completion), each in the layout its format reads."""
+    for side in sides:
         if record.get(side) is None:
-            raise RecordError(f"missing field {side!r}: a preference pair needs {SIDES[0]!r} and {SIDES[1]!r} "
-                              f"(the record has: {', '.join(sorted(record)) or 'no fields'})")
+            raise RecordError(f"missing field {side!r}: " + (f"a preference pair needs {SIDES[0]!r} and {SIDES[1]!r}"
+                              if sides == SIDES else f"an unpaired preference record needs {side!r} and 'label'")
+                              + f" (the record has: {', '.join(sorted(record)) or 'no fields'})")
     if layout == "transcript":
-        for side in SIDES:
+        for side in sides:
             if not isinstance(record[side], str):
                 raise RecordError(f"field {side!r} must be a whole dialogue as a string (hh-rlhf), got "
                                   f"{type(record[side]).__name__}")
-        return {"chosen": record["chosen"]}, {"chosen": record["rejected"]}
-    rest = {key: value for key, value in record.items() if key not in SIDES}
+        return [{"chosen": record[side]} for side in sides]
+    rest = {key: value for key, value in record.items() if key not in (*SIDES, *UNPAIRED)}
     if isinstance(layout, tuple):
         prompt_field, response_field = layout
         if rest.get(prompt_field) is None and isinstance(rest.get("prompt"), str):
             rest[prompt_field] = rest.pop("prompt")
         out = []
-        for side in SIDES:
+        for side in sides:
             if not isinstance(record[side], str):
                 raise RecordError(f"field {side!r} must be a string for this format (an answer to the instruction); "
                                   "for message lists use a conversation format such as chatml")
             out.append({**rest, response_field: record[side]})
-        return out[0], out[1]
+        return out
     base = prompt_turns(rest)
     for name in ("prompt", "system", *CONVERSATION_FIELDS):
         rest.pop(name, None)
-    chosen, rejected = (rest | {"conversations": conversation_with(base, record[side], side)} for side in SIDES)
-    return chosen, rejected
+    return [rest | {"conversations": conversation_with(base, record[side], side)} for side in sides]
 
 
 def prompt_turns(record: dict) -> list:
@@ -150,3 +154,24 @@ def encode_pair(record: dict, layout, render: Callable[[dict], list[list[Segment
 
 def first_trained(labels: list[int]) -> int:
     return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+
+
+@dataclass
+class EncodedUnpaired:
+    input_ids: list[int]
+    labels: list[int]
+    desirable: bool
+    prompt_length: int
+    boundary_merges: int
+
+
+def encode_unpaired(record: dict, layout, render: Callable[[dict], list[list[Segment]]], tokenizer) -> EncodedUnpaired:
+    """KTO: {prompt | messages | conversations, completion, label} -> the completion's sample (final answer
+    trained) and whether it is desirable."""
+    label = record.get("label")
+    if not (isinstance(label, bool) or label in (0, 1)):
+        raise RecordError(f"field 'label' must be true (desirable) or false (undesirable), got {label!r}")
+    (side,) = side_records(record, layout, ("completion",))
+    encoded = encode_segments(final_answer_only(render(side)), tokenizer)
+    return EncodedUnpaired(encoded.input_ids, encoded.labels, bool(label), first_trained(encoded.labels),
+                           encoded.boundary_merges)

@@ -279,6 +279,7 @@ class TokenizeStats:
     split_records: int = 0  # records rendered as several samples (chat templates that render past turns differently)
     template_strategies: dict = field(default_factory=dict)  # chat_template: records per strategy (template_masks.py)
     identical_pairs: int = 0  # --rl: pairs whose chosen and rejected are the same ids (dropped)
+    desirable: int = 0  # --rl kto: kept samples labelled desirable (the rest are undesirable)
     prompt_too_long: int = 0  # --rl: pairs whose shared prompt alone fills --model_max_len (dropped)
     lengths: list[int] = field(default_factory=list)
 
@@ -348,7 +349,8 @@ def tokenize_records(records: list[Record], tokenizer, data_args: DataArguments)
     for record in records:
         format_name = record.format
         if data_args.rl:
-            kept = keep_pair(record, tokenizer, data_args, options, stats, end_tokens[format_name])
+            keep = keep_unpaired if data_args.rl == "kto" else keep_pair
+            kept = keep(record, tokenizer, data_args, options, stats, end_tokens[format_name])
             samples += kept
             stats.records_kept += len(kept)
             continue
@@ -407,12 +409,11 @@ def keep_sample(ids, labels, merges, record: Record, data_args: DataArguments, s
     return {"input_ids": ids, "labels": labels}
 
 
-def keep_pair(record: Record, tokenizer, data_args: DataArguments, options, stats: TokenizeStats,
-              end_token: int) -> list[dict]:
-    """--rl: a preference record -> its pair row (chosen as input_ids/labels, rejected as rejected_*), `repeat`
-    times; none (counted) when both sides are the same ids or the prompt alone fills --model_max_len."""
+def encode_preference(encode, record: Record, tokenizer, data_args: DataArguments, options, stats: TokenizeStats):
+    """pairs.encode_pair / encode_unpaired on a record, rendered by its dataset's format; None (counted) for a
+    bad record with --skip_bad_records."""
     try:
-        pair = pairs.encode_pair(record.data, FORMAT_INFO[record.format].pairs, lambda side: render_samples(
+        return encode(record.data, FORMAT_INFO[record.format].pairs, lambda side: render_samples(
             side, record.format, data_args, options)[0], tokenizer)
     except RecordError as error:
         message = f"{record.where}: {error} (--dataset_format {record.format}, --rl {data_args.rl})"
@@ -421,6 +422,32 @@ def keep_pair(record: Record, tokenizer, data_args: DataArguments, options, stat
         stats.bad_records += 1
         if len(stats.bad_record_examples) < 5:
             stats.bad_record_examples.append(message)
+        return None
+
+
+def keep_unpaired(record: Record, tokenizer, data_args: DataArguments, options, stats: TokenizeStats,
+                  end_token: int) -> list[dict]:
+    """--rl kto: a record -> its row (input_ids, labels, kto_label), `repeat` times; its prompt filling
+    --model_max_len drops it (counted); a longer answer follows --excess_length."""
+    sample = encode_preference(pairs.encode_unpaired, record, tokenizer, data_args, options, stats)
+    if sample is None:
+        return []
+    copies, limit = record.repeat, data_args.model_max_len
+    if sample.prompt_length >= limit:
+        stats.prompt_too_long += copies
+        return []
+    kept = [row | {"kto_label": sample.desirable} for _ in range(copies) if (row := keep_sample(
+        sample.input_ids, sample.labels, sample.boundary_merges, record, data_args, stats, end_token))]
+    stats.desirable += len(kept) * sample.desirable
+    return kept
+
+
+def keep_pair(record: Record, tokenizer, data_args: DataArguments, options, stats: TokenizeStats,
+              end_token: int) -> list[dict]:
+    """--rl: a preference record -> its pair row (chosen as input_ids/labels, rejected as rejected_*), `repeat`
+    times; none (counted) when both sides are the same ids or the prompt alone fills --model_max_len."""
+    pair = encode_preference(pairs.encode_pair, record, tokenizer, data_args, options, stats)
+    if pair is None:
         return []
     copies, limit = record.repeat, data_args.model_max_len
     if pair.identical:

@@ -59,6 +59,8 @@ CHUNK_RECORDS = 4000  # records per tokenization task: small enough to bound mem
 SAMPLES = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
 PAIRS = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),  # --rl: chosen, then
                    ("rejected_input_ids", pa.list_(pa.int32())), ("rejected_labels", pa.list_(pa.int32()))])
+UNPAIRED = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),  # --rl kto
+                      ("kto_label", pa.bool_())])
 PACKED = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
                     ("position_ids", pa.list_(pa.int32()))])
 
@@ -85,7 +87,7 @@ def fingerprint(data_args: DataArguments, tokenizer, seed: int) -> str:
         "include_sources": data_args.include_sources,
         "dataset_text_field": data_args.dataset_text_field,
         "sample_packing": [data_args.sample_packing, data_args.eval_sample_packing],
-        "preference_pairs": bool(data_args.rl),
+        "preference": "unpaired" if data_args.rl == "kto" else "pairs" if data_args.rl else None,
         "custom": {name.removeprefix("custom_"): value for name, value in custom_settings(data_args).items()},
         "chat_template": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()[:12],
         "eval_dataset_size": data_args.eval_dataset_size,
@@ -205,7 +207,7 @@ def tokenize_chunk(chunk: list[Record]) -> tuple[pa.RecordBatch, TokenizeStats]:
 
 def row_schema(data_args: DataArguments) -> pa.Schema:
     """The tokenized rows' columns: SFT samples, or preference pairs (--rl)."""
-    return PAIRS if data_args.rl else SAMPLES
+    return UNPAIRED if data_args.rl == "kto" else PAIRS if data_args.rl else SAMPLES
 
 
 def chunks(routed: Iterator[tuple[str, Record]]) -> Iterator[tuple[str, int, list[Record]]]:

@@ -200,10 +200,15 @@ def objective(data_args, args) -> str | None:
     if not data_args.rl:
         return None
     knobs = [f"beta {args.rl_beta:g}"] + ([f"gamma {args.simpo_gamma:g}"] if data_args.rl == "simpo" else []) + (
-        [f"label smoothing {args.label_smoothing:g}"] if args.label_smoothing else [])
+        [f"label smoothing {args.label_smoothing:g}"] if args.label_smoothing else []) + (
+        [f"desirable weight {args.desirable_weight:g}, undesirable weight {args.undesirable_weight:g}"]
+        if data_args.rl == "kto" else [])
     reference = ("the base with the adapters disabled" if not args.full_finetune else "a frozen copy of the starting "
-                 "model") if data_args.rl in ("dpo", "ipo") else "none"
-    return f"{data_args.rl.upper()} on preference pairs ({', '.join(knobs)}; reference model: {reference})"
+                 "model") if data_args.rl in ("dpo", "ipo", "kto") else "none"
+    if args.precompute_ref_log_probs:
+        reference = f"{reference}, its log-probs precomputed"
+    data = "desirable / undesirable answers" if data_args.rl == "kto" else "preference pairs"
+    return f"{data_args.rl.upper()} on {data} ({', '.join(knobs)}; reference model: {reference})"
 
 
 def curves_title(settings: dict) -> str:
@@ -263,7 +268,8 @@ def model_card(directory: str, report: dict, kind: str) -> str:
                          zip(settings["datasets"], settings["dataset_format"] * len(settings["datasets"])
                              if len(settings["dataset_format"]) == 1 else settings["dataset_format"]))
     fraction = settings.get("trained_token_fraction")
-    unit = "preference pairs" if settings.get("objective") else "training samples"
+    unit = ("labelled answers" if "KTO" in settings["objective"] else "preference pairs") \
+        if settings.get("objective") else "training samples"
     data_line = (f"{settings.get('train_samples', '?')} {unit} ({settings.get('train_tokens', '?')} tokens, "
                  f"{100 * fraction:.1f} % of them trained: the answers and their end tokens), "
                  if fraction is not None else "") + f"{settings.get('eval_samples', 0)} held out for evaluation."

@@ -42,6 +42,8 @@ class PreferenceSettings:
     chunk_size: int = 1024  # trained positions per chunk of the output head
     chunked: bool = True  # the output head only at trained positions (False: the model's own full logits)
     precomputed_reference: bool = False  # reference log-probs come with the batches (attach_reference_logps)
+    desirable_weight: float = 1.0  # kto
+    undesirable_weight: float = 1.0
 
 
 class PairCollator:
@@ -53,21 +55,48 @@ class PairCollator:
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         rows = [(f[f"{side}input_ids"], f[f"{side}labels"]) for side in ("", "rejected_") for f in features]
-        length = max(len(ids) for ids, _ in rows)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for row, (row_ids, row_labels) in enumerate(rows):
-            ids[row, :len(row_ids)] = torch.tensor(row_ids)
-            labels[row, :len(row_labels)] = torch.tensor(row_labels)
-            mask[row, :len(row_ids)] = 1
-        batch = {"input_ids": ids, "attention_mask": mask, "preference_labels": labels}
+        batch = padded_rows(rows, self.pad_token_id, self.pad_to_multiple_of)
         if REFERENCE_COLUMNS[0] in features[0]:  # --precompute_ref_log_probs
             batch["reference_logps"] = torch.tensor([f[column] for column in REFERENCE_COLUMNS for f in features],
                                                     dtype=torch.float32)
         return batch
+
+
+def padded_rows(rows: list[tuple[list[int], list[int]]], pad_token_id: int, multiple: Optional[int],
+                prefix: str = "") -> dict[str, torch.Tensor]:
+    """(ids, labels) rows -> right-padded input_ids / attention_mask / preference_labels (IGNORE_INDEX on padding)."""
+    length = max(len(ids) for ids, _ in rows)
+    if multiple:
+        length = -(-length // multiple) * multiple
+    ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for row, (row_ids, row_labels) in enumerate(rows):
+        ids[row, :len(row_ids)] = torch.tensor(row_ids)
+        labels[row, :len(row_labels)] = torch.tensor(row_labels)
+        mask[row, :len(row_ids)] = 1
+    return {f"{prefix}input_ids": ids, f"{prefix}attention_mask": mask, f"{prefix}preference_labels": labels}
+
+
+class UnpairedCollator:
+    """KTO rows (input_ids, labels, kto_label) -> the B samples, and B mismatched ones for the KL reference point:
+    sample i's prompt with sample i+1's answer (kl_* tensors, cut to `max_length`), and `kto_desirable`."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None, max_length: int = 2048):
+        self.pad_token_id, self.pad_to_multiple_of, self.max_length = pad_token_id, pad_to_multiple_of, max_length
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        rows = [(f["input_ids"], f["labels"]) for f in features]
+        starts = [next(i for i, label in enumerate(labels) if label != IGNORE_INDEX) for _, labels in rows]
+        mismatched = []
+        for i, ((ids, _), start) in enumerate(zip(rows, starts)):
+            j = (i + 1) % len(rows)
+            other_ids, other_labels = rows[j]
+            mismatched.append(((ids[:start] + other_ids[starts[j]:])[:self.max_length],
+                               ([IGNORE_INDEX] * start + other_labels[starts[j]:])[:self.max_length]))
+        return (padded_rows(rows, self.pad_token_id, self.pad_to_multiple_of)
+                | padded_rows(mismatched, self.pad_token_id, self.pad_to_multiple_of, prefix="kl_")
+                | {"kto_desirable": torch.tensor([bool(f["kto_label"]) for f in features])})
 
 
 REFERENCE_COLUMNS = ("reference_chosen_logps", "reference_rejected_logps")
@@ -77,9 +106,8 @@ class PreferenceTrainer(FinetuneTrainer):
     def __init__(self, *args, preference_settings: PreferenceSettings, **kwargs):
         super().__init__(*args, **kwargs)
         self.settings = preference_settings
-        if preference_settings.method not in preference.METHODS or preference_settings.method == "kto":
-            raise ValueError(f"PreferenceTrainer trains pairs with one of {preference.METHODS[:-1]}, "
-                             f"not {preference_settings.method!r}")
+        if preference_settings.method not in preference.METHODS:
+            raise ValueError(f"PreferenceTrainer trains one of {preference.METHODS}, not {preference_settings.method!r}")
         self.loss_is_scaled_for_ga = False  # a mean over the micro-batch's pairs: the Trainer divides by accumulation
         self.head_split = None
         if preference_settings.chunked:
@@ -125,6 +153,8 @@ class PreferenceTrainer(FinetuneTrainer):
     # --- the loss -------------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.settings.method == "kto":
+            return self.kto_loss(model, inputs, return_outputs)
         policy = self.response_logps(model, inputs, self.head_split)
         pairs = policy.total.shape[0] // 2
         chosen, rejected = (preference.Logps(policy.total[s], policy.count[s])
@@ -154,6 +184,29 @@ class PreferenceTrainer(FinetuneTrainer):
                                           preference.rewards(rejected, ref_rejected, settings.beta))
         metrics["logps/chosen"] = chosen.total.detach().mean().item()
         metrics["logps/rejected"] = rejected.total.detach().mean().item()
+        self.pending["train" if model.training else "eval"].append(metrics)
+        loss = losses.mean()
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def kto_loss(self, model, inputs, return_outputs=False):
+        """KTO: each answer's reward against the batch's KL reference point, measured (without gradients) on the
+        mismatched prompt/answer rows, as TRL's KTOTrainer does."""
+        settings = self.settings
+        kl_inputs = {key.removeprefix("kl_"): value for key, value in inputs.items() if key.startswith("kl_")}
+        policy = self.response_logps(model, inputs, self.head_split)
+        with torch.no_grad():
+            policy_kl = self.response_logps(model, kl_inputs, self.head_split)
+        reference, reference_kl = self.reference_logps(model, inputs), self.reference_logps(model, kl_inputs)
+        kl = (policy_kl.total - reference_kl.total).mean()
+        desirable = inputs["kto_desirable"]
+        losses = preference.kto_loss(policy, reference, desirable, kl, settings.beta, settings.desirable_weight,
+                                     settings.undesirable_weight)
+        rewards = preference.rewards(policy, reference, settings.beta)
+        metrics = {"kl": kl.clamp(min=0).item()}
+        for name, rows in (("chosen", desirable), ("rejected", ~desirable)):  # TRL's names: desirable / undesirable
+            metrics[f"rewards/{name}|sum"] = rewards[rows].sum().item()
+            metrics[f"logps/{name}|sum"] = policy.total.detach()[rows].sum().item()
+            metrics[f"rewards/{name}|count"] = metrics[f"logps/{name}|count"] = float(rows.sum().item())
         self.pending["train" if model.training else "eval"].append(metrics)
         loss = losses.mean()
         return (loss, {"loss": loss}) if return_outputs else loss
@@ -215,8 +268,14 @@ class PreferenceTrainer(FinetuneTrainer):
                 means = means.to(self.args.device)  # NCCL reduces on the GPU
                 torch.distributed.all_reduce(means)
                 means = means.cpu() / torch.distributed.get_world_size()
-            for key, value in zip(keys, means.tolist()):
-                logs[prefix + key] = round(value, 6)
+            values = dict(zip(keys, means.tolist()))
+            for key, value in values.items():
+                if key.endswith("|sum"):  # a mean over the rows that have it (KTO: desirable / undesirable rows)
+                    count = values[key.replace("|sum", "|count")]
+                    if count:
+                        logs[prefix + key.removesuffix("|sum")] = round(value / count, 6)
+                elif not key.endswith("|count"):
+                    logs[prefix + key] = round(value, 6)
             pending.clear()
         super().log(logs, start_time)
 
@@ -227,14 +286,17 @@ def build_preference_trainer(model, args: TrainingArguments, paths: RunPaths, da
     settings = PreferenceSettings(data_args.rl, beta=args.rl_beta, simpo_gamma=args.simpo_gamma,
                                   label_smoothing=args.label_smoothing, chunk_size=args.cross_entropy_chunk_size,
                                   chunked=args.chunked_cross_entropy,
-                                  precomputed_reference=args.precompute_ref_log_probs)
+                                  precomputed_reference=args.precompute_ref_log_probs,
+                                  desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight)
     logger.info("Preference optimization: --rl %s, beta %g%s; reference: %s", settings.method, settings.beta,
                 f", gamma {settings.simpo_gamma:g}" if settings.method == "simpo" else "",
                 "none (the method compares the policy's own log-probs)" if settings.method not in preference.WITH_REFERENCE
                 else ("precomputed from " if settings.precomputed_reference else "")
                 + ("the base with the adapters disabled" if hasattr(model, "disable_adapter") else
                    "the starting model" if settings.precomputed_reference else "a frozen copy of the model"))
-    trainer = PreferenceTrainer(data_collator=PairCollator(tokenizer.pad_token_id, data_args.pad_to_multiple_of),
+    collator = (UnpairedCollator(tokenizer.pad_token_id, data_args.pad_to_multiple_of, data_args.model_max_len)
+                if settings.method == "kto" else PairCollator(tokenizer.pad_token_id, data_args.pad_to_multiple_of))
+    trainer = PreferenceTrainer(data_collator=collator,
                                 preference_settings=settings,
                                 **trainer_parts(model, args, paths, tokenizer, train, evaluation, gen_config))
     if settings.precomputed_reference:
