@@ -29,6 +29,7 @@ import transformers
 
 from dataset_formats import FORMATS
 from finetune.checks import preflight
+from finetune.checks.export_request import TYPES as GGUF_TYPES
 from finetune.checks.model_config import check_model_before_writing
 from finetune.config import cli, environment
 from finetune.config.schema import check_choices
@@ -306,10 +307,9 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     merge_only: bool = field(
         default=False,
-        metadata={"help": "Do not train: merge the adapter in --output_dir (a finished run's, or a checkpoint-N "
-                  "directory) into --model_name_or_path and write --merged_output_dir (needed). --dataset is "
-                  "optional: it only provides the --merge_verify_samples samples. Tokenizer and generation "
-                  "config come from --output_dir."},
+        metadata={"help": "Do not train: merge the adapter in --output_dir (a finished run's or a checkpoint-N) into "
+                  "--model_name_or_path, write --merged_output_dir (needed); --dataset only gives the "
+                  "--merge_verify_samples samples. Tokenizer and generation config come from --output_dir."},
     )
     merge_base: str = field(
         default="original",
@@ -325,12 +325,18 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     merge_verify_samples: int = field(
         default=4,
-        metadata={"help": "After merging, compare the merged model with base+adapter (loaded as training loaded it) "
-                  "on this many samples (the first training samples when --dataset is given and the merge "
-                  "follows training or --merge_only; else a fixed built-in text), each cut to 512 tokens: "
-                  "max/mean |logit difference|, argmax agreement and perplexities, logged and written to "
-                  "<merged_output_dir>/merge_verification.json. Loads both models in full, one after the "
-                  "other; 0 skips it."},
+        metadata={"help": "After merging, compare merged vs base+adapter (loaded as trained) on this many samples (the "
+                  "first training samples, else a built-in text), each cut to 512 tokens: |logit difference|, "
+                  "argmax agreement, perplexities -> <merged_output_dir>/merge_verification.json. 0 skips it."},
+    )
+    export_gguf: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "After the merge (or --merge_only; a full fine-tune: its --output_dir model), write "
+                  "<model>/gguf/<name>-<TYPE>.gguf for llama.cpp / Ollama: f16, bf16, q8_0, q4_0 (the gguf package), "
+                  "K-quants q2_k ... q6_k via llama.cpp's llama-quantize on PATH. llama, mistral, qwen2 models. "
+                  "Tokenizer, end-of-turn token, chat template, RoPE carried; each file read back and checked "
+                  "(export_verification.json), an Ollama Modelfile beside it (ollama create NAME -f Modelfile).",
+                  "choices": list(GGUF_TYPES)},
     )
     overwrite_output_dir: bool = field(
         default=False,

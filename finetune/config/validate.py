@@ -262,6 +262,9 @@ def check_output_arguments(args: TrainingArguments) -> None:
     if args.eval_generation_samples and args.eval_strategy == "no":
         raise UsageError("--eval_generation_samples generates at each evaluation, and --eval_strategy is no; pass "
                          "--eval_strategy steps (with --eval_dataset_size), or use --do_predict after training")
+    if args.export_gguf and not (args.full_finetune or args.merged_output_dir):
+        raise UsageError(f"--export_gguf {' '.join(args.export_gguf)} exports a whole model: an adapter run needs "
+                         "--merged_output_dir (the GGUF files go to <merged_output_dir>/gguf), or use --full_finetune")
     strategy = enum_value(args.hub_strategy)
     if strategy != "every_save":
         raise UsageError(f"--hub_strategy {strategy} would be ignored: checkpoints are never pushed, only the finished "

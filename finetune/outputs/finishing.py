@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING, Optional
 
 import transformers
 
+from dataset_formats import end_token_id
 from finetune.config.precision import Precision
 from finetune.modeling import knobs
 from finetune.modeling.adapters import MUTATED_INITS, convert_mutated_adapter
 from finetune.modeling.tokenizer import load_tokenizer
-from finetune.outputs import hub, inference, merging, reporting
+from finetune.outputs import gguf_export, hub, inference, merging, reporting
 from finetune.runtime import without_zero3_init
 from finetune.training.stages import Stages, build_datasets, generation_config
 
@@ -71,6 +72,7 @@ def finish_training(stages: Stages, model_args: ModelArguments, data_args: DataA
         merge_adapter(model_args, args, paths, tokenizer, gen_config,
                       first_samples(stages.train_set, args.merge_verify_samples))
         reporting.write_output_extras(paths.merged, report)
+    export_gguf(data_args, args, paths, tokenizer, stages.train_set)
     paths.mark_completed(global_step)
     return 0 if hub.push_outputs(args, paths) else 4
 
@@ -107,12 +109,13 @@ def merge_only(model_args: ModelArguments, data_args: DataArguments, args: Train
         gen_config = transformers.GenerationConfig.from_pretrained(saved)
     else:
         gen_config = generation_config(gen_args, tokenizer, data_args.dataset_format)
-    samples = None
+    samples = train_set = None
     if data_args.dataset and args.merge_verify_samples:
         train_set, _, _ = build_datasets(data_args, args, paths, tokenizer, write=False)  # --output_dir is never changed
         samples = first_samples(train_set, args.merge_verify_samples)
     merge_adapter(model_args, args, paths, tokenizer, gen_config, samples)
     reporting.write_output_extras(paths.merged, reporting.load_report(saved))
+    export_gguf(data_args, args, paths, tokenizer, train_set if samples else None)
     return 0
 
 
@@ -125,9 +128,25 @@ def finish_completed_run(model_args: ModelArguments, data_args: DataArguments, a
         tokenizer = load_tokenizer(model_args, data_args)
         merge_adapter(model_args, args, paths, tokenizer, generation_config(gen_args, tokenizer, data_args.dataset_format))
         reporting.write_output_extras(paths.merged, reporting.load_report(paths.final))
+    exported = os.path.join(paths.merged or paths.final, "gguf", "export_verification.json")
+    if args.export_gguf and args.process_index == 0 and not os.path.isfile(exported):
+        export_gguf(data_args, args, paths, load_tokenizer(model_args, data_args), None)
     if args.process_index == 0 and not hub.push_outputs(args, paths):
         return 4
     return 0
+
+
+def export_gguf(data_args: DataArguments, args: TrainingArguments, paths: RunPaths, tokenizer, train_set) -> None:
+    """--export_gguf: the merged model (a full fine-tune: the final one) as GGUF files, stopping at the formats'
+    end-of-turn token, verified on the first training samples' text (outputs/gguf_export.py)."""
+    if not args.export_gguf:
+        return
+    ends = {end_token_id(name, tokenizer) for name in data_args.dataset_format} - {tokenizer.eos_token_id}
+    texts = [tokenizer.decode(train_set[i]["input_ids"], skip_special_tokens=True)
+             for i in range(min(16, len(train_set)))] if train_set is not None else []
+    gguf_export.export_gguf(paths.merged or paths.final, list(args.export_gguf), tokenizer,
+                            end_of_turn=min(ends) if ends else None, system_prompt=data_args.default_system_prompt,
+                            sample_texts=texts)
 
 
 def first_samples(train_set, count: int) -> Optional[list[dict]]:

@@ -1,0 +1,32 @@
+"""What --export_gguf can export, checked on the model's config before anything trains: the architectures and
+types finetune/outputs/gguf_export.py writes, and the llama.cpp tool K-quants need."""
+
+from __future__ import annotations
+
+import shutil
+
+from finetune.errors import UsageError
+
+BASIC_TYPES = ("f16", "bf16", "q8_0", "q4_0")
+K_QUANTS = ("q2_k", "q3_k_m", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+TYPES = BASIC_TYPES + K_QUANTS
+ARCHITECTURES = {"LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", True),
+                 "Qwen2ForCausalLM": ("qwen2", False)}  # HF class -> (llama.cpp arch, q/k rows permuted)
+
+
+def check_export_request(types: list[str], config) -> None:
+    """Up front (before training): the architecture can be exported and K-quants have their tool."""
+    architecture = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+    if architecture not in ARCHITECTURES:
+        raise UsageError(f"--export_gguf: {architecture} cannot be exported here; supported: "
+                         f"{', '.join(sorted(ARCHITECTURES))}. Drop --export_gguf (the merged model is a plain "
+                         "transformers model: llama.cpp's convert_hf_to_gguf.py may know it)")
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if rope.get("rope_type", "default") not in ("default", "linear", "yarn"):
+        raise UsageError(f"--export_gguf: RoPE type {rope['rope_type']!r} has no GGUF equivalent written here "
+                         "(default, linear and yarn are); drop --export_gguf or the --rope_scaling flags")
+    kquants = [t for t in types if t in K_QUANTS]
+    if kquants and not shutil.which("llama-quantize"):
+        raise UsageError(f"--export_gguf {' '.join(kquants)}: K-quants are made by llama.cpp's llama-quantize, not "
+                         "found on PATH; build llama.cpp (cmake -B build && cmake --build build) and put build/bin on "
+                         f"PATH, or use {', '.join(BASIC_TYPES)}")

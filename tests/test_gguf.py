@@ -1,0 +1,166 @@
+"""GGUF export (issue 13, finetune/outputs/gguf_export.py): tiny llama / mistral-like (GQA) / qwen2-like (biases,
+tied embeddings) models, byte-level BPE and sentencepiece vocabularies, every basic type, read back with gguf's
+reader and checked here independently of the exporter's own verification; RoPE scaling and added tokens carried;
+bad requests refused before any work with nothing half-written; and the whole path through train.py."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conftest import LLAMA2_TOKENIZER, instructions, sentencepiece_tokenizer_dir, write_jsonl
+from transformers import AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
+
+import train
+from finetune.errors import UsageError
+from finetune.outputs import gguf_export
+
+TYPES = ["f16", "bf16", "q8_0", "q4_0"]
+
+
+def field(reader, key):
+    found = reader.get_field(key)
+    return None if found is None else found.contents()
+
+
+def save_model(folder, config, tokenizer) -> str:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def config_for(kind: str, vocab: int):
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=256)
+    if kind == "mistral":
+        return MistralConfig(**common, num_key_value_heads=2, sliding_window=None, architectures=["MistralForCausalLM"])
+    if kind == "qwen2":
+        return Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True, architectures=["Qwen2ForCausalLM"])
+    return LlamaConfig(**common, num_key_value_heads=4, architectures=["LlamaForCausalLM"],
+                       rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_every_type_reads_back_as_the_model_with_its_tokenizer_and_metadata(tmp_path, tiny_tokenizer, kind):
+    import copy
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]},
+                                 replace_extra_special_tokens=False)  # added tokens, as chatml adds them
+    tokenizer.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model_dir = save_model(tmp_path / kind, config_for(kind, len(tokenizer)), tokenizer)
+    out = gguf_export.export_gguf(model_dir, TYPES, tokenizer, end_of_turn=end, system_prompt="Be brief.",
+                                  sample_texts=["Say the number 7.", "<|im_start|>user\nhi<|im_end|>"])
+    assert sorted(os.listdir(out)) == sorted([f"{kind}-{t.upper()}.gguf" for t in TYPES] +
+                                             ["Modelfile", "export_verification.json"])
+    assert not any(name.startswith("gguf.tmp") for name in os.listdir(model_dir))
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(model_dir, "model.safetensors"))
+    for wanted in TYPES:
+        reader = gguf.GGUFReader(os.path.join(out, f"{kind}-{wanted.upper()}.gguf"))
+        arch = "qwen2" if kind == "qwen2" else "llama"
+        assert field(reader, "general.architecture") == arch
+        assert field(reader, f"{arch}.context_length") == 256 and field(reader, f"{arch}.block_count") == 2
+        assert field(reader, f"{arch}.attention.head_count_kv") == (4 if kind == "llama" else 2)
+        if kind == "llama":  # RoPE scaling carried
+            assert field(reader, "llama.rope.scaling.type") == "linear" and field(reader, "llama.rope.scaling.factor") == 2.0
+        tokens = field(reader, "tokenizer.ggml.tokens")
+        types = field(reader, "tokenizer.ggml.token_type")
+        assert len(tokens) == len(tokenizer) and tokens[end] == "<|im_end|>" and types[end] == gguf.TokenType.CONTROL
+        assert field(reader, "tokenizer.ggml.eot_token_id") == end
+        assert field(reader, "tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id
+        assert field(reader, "tokenizer.ggml.bos_token_id") == tokenizer.bos_token_id
+        assert field(reader, "tokenizer.chat_template") == tokenizer.chat_template
+        assert field(reader, "tokenizer.ggml.model") == "gpt2" and field(reader, "tokenizer.ggml.merges")
+        stored = {t.name: t for t in reader.tensors}
+        assert ("output.weight" in stored) == (kind != "qwen2")  # tied: llama.cpp reuses token_embd
+        if kind == "qwen2":
+            assert "blk.0.attn_q.bias" in stored and stored["blk.0.attn_q.bias"].tensor_type == gguf.GGMLQuantizationType.F32
+        # an independent read of one weight: v_proj is not permuted, so it equals the checkpoint's
+        v = stored["blk.1.attn_v.weight"]
+        decoded = gguf.quants.dequantize(v.data, v.tensor_type).reshape(list(reversed(v.shape)))
+        original = weights["model.layers.1.self_attn.v_proj.weight"].float().numpy()
+        tolerance = {"f16": 1e-3, "bf16": 8e-3, "q8_0": 5e-3, "q4_0": 0.13}[wanted]
+        assert np.abs(decoded - original).max() <= tolerance * np.abs(original).max()
+    report = json.load(open(os.path.join(out, "export_verification.json")))["verification"]
+    for wanted in TYPES:
+        entry = report[f"{kind}-{wanted.upper()}.gguf"]
+        assert entry["tokenizer"]["equal"] == entry["tokenizer"]["texts"] > 4
+        if wanted in ("f16", "bf16", "q8_0"):
+            assert entry["logits"]["top1_agree"] == 4
+    assert report[f"{kind}-F16.gguf"]["tensors"]["worst"]["F16"] == 0.0  # exactly the cast
+    assert 0 < report[f"{kind}-Q4_0.gguf"]["tensors"]["worst"]["Q4_0"] <= gguf_export.gguf_verify.BLOCK_BOUNDS["q4_0"]
+    modelfile = open(os.path.join(out, "Modelfile")).read()
+    assert modelfile.startswith(f"FROM ./{kind}-F16.gguf") and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert 'SYSTEM """Be brief."""' in modelfile
+
+
+@pytest.mark.skipif(not os.path.isfile(LLAMA2_TOKENIZER), reason="needs ../shared/data/tokenizers/llama2")
+def test_a_sentencepiece_vocabulary_is_written_as_llamas_with_scores_and_byte_tokens(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(sentencepiece_tokenizer_dir(LLAMA2_TOKENIZER, tmp_path))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, architectures=["LlamaForCausalLM"])
+    model_dir = save_model(tmp_path / "spm", config, tokenizer)
+    out = gguf_export.export_gguf(model_dir, ["q8_0"], tokenizer, sample_texts=["Hello world.", " two  spaces", "ümlaut 42"])
+    reader = gguf.GGUFReader(os.path.join(out, "spm-Q8_0.gguf"))
+    assert field(reader, "tokenizer.ggml.model") == "llama"
+    types = field(reader, "tokenizer.ggml.token_type")
+    assert types[tokenizer.convert_tokens_to_ids("<0x41>")] == gguf.TokenType.BYTE
+    assert types[tokenizer.unk_token_id] == gguf.TokenType.UNKNOWN
+    report = json.load(open(os.path.join(out, "export_verification.json")))["verification"]["spm-Q8_0.gguf"]
+    assert report["tokenizer"]["equal"] == report["tokenizer"]["texts"]
+
+
+def test_bad_requests_stop_before_any_work_and_leave_nothing(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
+    data = write_jsonl(tmp_path / "d.jsonl", instructions(4))
+    base = ["--model_name_or_path", tiny_model, "--dataset", data, "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(SystemExit):  # argparse: not a type
+        train.parse_arguments([*base, "--export_gguf", "q3"])
+    with pytest.raises(UsageError, match="an adapter run needs --merged_output_dir"):
+        train.parse_arguments([*base, "--export_gguf", "f16"])
+    from finetune.checks.model_config import check_model_before_writing
+
+    model_args, _, args, _ = train.parse_arguments([*base, "--export_gguf", "q4_k_m", "--merged_output_dir",
+                                                    str(tmp_path / "m")])
+    monkeypatch.setenv("PATH", str(tmp_path))  # no llama-quantize
+    with pytest.raises(UsageError, match="K-quants are made by llama.cpp's llama-quantize, not found on PATH"):
+        check_model_before_writing(model_args, args, 64)
+    from transformers import GPT2Config
+
+    gpt2 = save_model(tmp_path / "gpt2", GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=64, n_layer=1, n_head=2),
+                      tiny_tokenizer)
+    model_args.model_name_or_path, args.export_gguf = gpt2, ["f16"]
+    with pytest.raises(UsageError, match="GPT2LMHeadModel cannot be exported here; supported: LlamaForCausalLM"):
+        check_model_before_writing(model_args, args, 64)
+    monkeypatch.setattr(gguf_export, "free_bytes", lambda path: 1000)
+    with pytest.raises(UsageError, match=r"GiB needed next to .*, 0.00 GiB free"):
+        gguf_export.export_gguf(tiny_model, ["f16", "q8_0"], tiny_tokenizer)
+    assert not [name for name in os.listdir(tiny_model) if name.startswith("gguf")]
+
+
+def test_train_merge_export_through_train_py(tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"conversations": [{"from": "human", "value": f"Say {i}."},
+                                                                 {"from": "gpt", "value": f"It is {i}."}]}
+                                              for i in range(8)])
+    merged = tmp_path / "merged"
+    code = train.main(["--model_name_or_path", tiny_model, "--dataset", data, "--dataset_format", "chatml",
+                       "--output_dir", str(tmp_path / "adapter"), "--merged_output_dir", str(merged), "--bits", "32",
+                       "--lora_r", "4", "--max_steps", "2", "--save_strategy", "no", "--report_to", "none",
+                       "--merge_verify_samples", "1", "--export_gguf", "q8_0", "--disable_tqdm", "true"])
+    assert code == 0
+    report = json.load(open(merged / "gguf" / "export_verification.json"))
+    entry = report["verification"]["merged-Q8_0.gguf"]
+    assert entry["tokenizer"]["texts"] >= 12 and entry["tokenizer"]["equal"] == entry["tokenizer"]["texts"]
+    assert entry["metadata"]["chat_template"] is True  # the verified chatml template travels in the file
+    assert 'PARAMETER stop "<|im_end|>"' in (merged / "gguf" / "Modelfile").read_text()
+    assert (tmp_path / "adapter" / "completed").exists()
