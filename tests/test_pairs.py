@@ -354,3 +354,27 @@ def test_kto_through_train_py_separates_desirable_from_undesirable_on_held_out_p
     assert after["eval_rewards/chosen"] - after["eval_rewards/rejected"] > 0.5
     logged = [entry for entry in built.trainer.state.log_history if "loss" in entry]
     assert logged and all("kl" in entry and "rewards/chosen" in entry for entry in logged)
+
+
+GSM8K = os.path.join(os.path.dirname(ROOT), "shared", "data", "alpaca", "gsm_8k_train.json")
+
+
+@pytest.mark.skipif(not os.path.isfile(GSM8K), reason="needs ../shared/data/alpaca/gsm_8k_train.json")
+def test_dpo_on_pairs_from_real_alpaca_data_raises_the_held_out_margin(tiny_model, tmp_path):
+    """Pairs built from a real alpaca file (GSM8K): chosen = the worked answer, rejected = only its first line (an
+    unfinished answer); 40 held-out pairs measure the margin before and after (measured: 0 -> 2.48, accuracy 1.0)."""
+    with open(GSM8K) as handle:
+        rows = [row for row in json.load(handle)[:400] if row["output"].count("\n") >= 2][:120]
+    pairs = [{"instruction": row["instruction"], "chosen": row["output"], "rejected": row["output"].split("\n")[0]}
+             for row in rows]
+    data_file = write_jsonl(tmp_path / "gsm8k_pairs.jsonl", pairs)
+    built = build_stages(tiny_model, data_file, tmp_path / "out", "--bits", "32", *LORA, "--dataset_format", "alpaca",
+                         "--rl", "dpo", "--per_device_train_batch_size", "4", "--learning_rate", "5e-3",
+                         "--lr_scheduler_type", "constant", "--max_steps", "15", "--eval_dataset_size", "40",
+                         "--eval_strategy", "steps", "--eval_steps", "1000", "--per_device_eval_batch_size", "8",
+                         "--save_strategy", "no", "--model_max_len", "512", "--seed", "3", "--disable_tqdm", "true")
+    before = built.trainer.evaluate()
+    built.trainer.train()
+    after = built.trainer.evaluate()
+    assert abs(before["eval_rewards/margins"]) < 1e-6
+    assert after["eval_rewards/margins"] > 0.2 and after["eval_rewards/accuracies"] >= 0.75
