@@ -471,30 +471,30 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     layers_to_freeze: Optional[int] = field(
         default=None,
-        metadata={"help": "Freeze the first N decoder layers, 0 <= N < the model's layer count (None or 0: none). "
-                  "Full fine-tune: those layers and the input embeddings below them get requires_grad=False "
-                  "and stay out of the optimizer (the embeddings stay trainable when tokens were added, so "
-                  "the new rows can learn; a head tied to them freezes with them). LoRA: adapters go only on "
-                  "the layers above N. Excludes --layer_freeze_ratio."},
+        metadata={"help": "Freeze the first N decoder layers, 0 <= N < layer count (None or 0: none). Full fine-tune: "
+                  "they and the input embeddings (unless tokens were added; a tied head with them) leave the "
+                  "optimizer. LoRA: adapters only above N. Excludes --layer_freeze_ratio."},
     )
     layer_freeze_ratio: Optional[float] = field(
         default=None,
-        metadata={"help": "Freeze this fraction of the decoder layers from the bottom, in [0, 1): floor(ratio x "
-                  "layers), e.g. 0.5 of 32 -> 16, 0.3 of 10 -> 3, 0.4 of 2 -> 0 (None: none). Otherwise as "
-                  "--layers_to_freeze, which it excludes."},
+        metadata={"help": "Freeze floor(ratio x layers) decoder layers from the bottom, ratio in [0, 1) (0.3 of 10 -> "
+                  "3; None: none); otherwise as --layers_to_freeze, which it excludes."},
     )
     neftune_noise_alpha: Optional[float] = field(
         default=None,
-        metadata={"help": "NEFTune: while training (not in eval or generation), add uniform noise in "
-                  "+-alpha/sqrt(L*d) to the input embeddings, d = hidden size, L = the batch's padded length "
-                  "(as in the reference code, so a sample padded to a longer neighbour gets less). With "
-                  "--sample_packing L is the packed row, so each sample gets about sqrt(samples per row) "
-                  "times less noise than unpacked. > 0; typical 5 to 15 (None: off)."},
+        metadata={"help": "NEFTune: in training only, uniform noise in +-alpha/sqrt(L*d) on the input embeddings, d = "
+                  "hidden size, L = the batch's padded length (as the reference code; --sample_packing: the packed "
+                  "row, so each sample gets less noise than unpacked). > 0; typical 5 to 15 (None: off)."},
+    )
+    early_stopping_patience: Optional[int] = field(
+        default=None,
+        metadata={"help": "Stop when the eval loss has not improved for this many evaluations in a row (> 0; needs an "
+                  "eval split and --eval_strategy; axolotl's early_stopping_patience). The final model is the one at "
+                  "the stop; the count restarts when a run resumes. None: off."},
     )
     loss_watchdog_threshold: Optional[float] = field(
         default=None,
-        metadata={"help": "Stop when the logged loss stays above this for --loss_watchdog_patience logs (None: only "
-                  "NaN/inf losses stop the run)."},
+        metadata={"help": "Stop when the loss stays above this for --loss_watchdog_patience logs (None: NaN/inf only)."},
     )
     loss_watchdog_patience: int = field(
         default=3, metadata={"help": "Consecutive bad logs (NaN/inf, or above the threshold) that stop the run."}
@@ -516,11 +516,9 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     do_predict: bool = field(
         default=False,
-        metadata={"help": "After training and the final evaluation, generate answers to --generation_samples eval "
-                  "prompts (train prompts when there is no eval split) with the generation flags "
-                  "(--max_new_tokens, --do_sample, ...) and write predictions.jsonl (prompt, reference, "
-                  "prediction, token counts) into --output_dir; two are logged. Each prompt is the sample's "
-                  "prompt ids exactly as trained, up to its first answer."},
+        metadata={"help": "After training and the final evaluation, answer --generation_samples eval prompts (train "
+                  "prompts without an eval split; each the sample's prompt ids as trained) with the generation flags "
+                  "-> predictions.jsonl (prompt, reference, prediction, token counts) in --output_dir; two logged."},
     )
     generation_samples: int = field(default=8, metadata={"help": "--do_predict: how many prompts get answers (> 0)."})
     eval_generation_samples: int = field(
@@ -588,6 +586,8 @@ class TrainingArguments(transformers.TrainingArguments):
                 "--layers_to_freeze N")
         require(self.neftune_noise_alpha is None or self.neftune_noise_alpha > 0,
                 f"--neftune_noise_alpha must be > 0 (got {self.neftune_noise_alpha}); drop it to train without noise")
+        require(self.early_stopping_patience is None or self.early_stopping_patience > 0,
+                f"--early_stopping_patience must be > 0 (got {self.early_stopping_patience}); drop it to never stop early")
         require(self.merge_verify_samples >= 0,
                 f"--merge_verify_samples must be >= 0 (got {self.merge_verify_samples}); 0 skips the check")
         require(self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 1,

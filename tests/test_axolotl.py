@@ -74,11 +74,10 @@ def test_axolotls_chat_template_example_needs_a_template_we_have_and_maps_the_re
 
 
 def test_keys_we_do_not_implement_stop_the_run_naming_every_one_and_unknown_keys_name_the_closest(tmp_path, alpaca_file):
-    config = localized(tmp_path, "qlora-1b", "m", alpaca_file, test_datasets=[{"path": "x.json"}], tokens=["<x>"],
-                       early_stopping_patience=3)
+    config = localized(tmp_path, "qlora-1b", "m", alpaca_file, test_datasets=[{"path": "x.json"}], tokens=["<x>"])
     with pytest.raises(train.UsageError) as error:
         train.parse_arguments([config])
-    for key in ("test_datasets (separate eval datasets", "tokens (adding tokens", "early_stopping_patience"):
+    for key in ("test_datasets (separate eval datasets", "tokens (adding tokens"):
         assert key in str(error.value)
     result = run(train_py(config), cwd=str(tmp_path))  # as a user sees it: exit 2, before anything is written
     assert result.returncode == 2 and "test_datasets" in result.output and "Traceback" not in result.output

@@ -328,3 +328,22 @@ def test_deepspeed_optimizer_section_rejects_an_explicit_optim_and_names_itself_
     assert 'has its own "optimizer" (AdamW): it is used instead of --optim' in caplog.text
     _, _, args, _ = train.parse_arguments(base + ["--deepspeed", os.path.join(ROOT, "deepspeed-7b.json"), "--optim", "adafactor"])
     assert args.optim.value == "adafactor"  # the repo's config has no optimizer section: --optim is used
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_improvement(tiny_model, tmp_path, caplog):
+    """learning rate 0: the eval loss never improves after the first evaluation, so patience 2 stops at the third."""
+    data = write_jsonl(tmp_path / "d.jsonl", instructions(40))
+    flags = ("--bits", "32", "--lora_r", "4", "--max_steps", "20", "--per_device_train_batch_size", "2",
+             "--eval_dataset_size", "8", "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "no",
+             "--learning_rate", "0", "--disable_tqdm", "true")
+    built = build_stages(tiny_model, data, tmp_path / "o", *flags, "--early_stopping_patience", "2")
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        built.trainer.train()
+    assert built.trainer.state.global_step == 6  # evaluations at 2 (best), 4, 6 (second without improvement)
+    assert "early stopping at step 6" in caplog.text
+    with pytest.raises(train.UsageError, match="--early_stopping_patience 2 watches the eval loss"):
+        train.parse_arguments(["--model_name_or_path", tiny_model, "--dataset", data, "--output_dir", str(tmp_path / "p"),
+                               "--early_stopping_patience", "2"])
+    plain = build_stages(tiny_model, data, tmp_path / "q", *flags)
+    plain.trainer.train()
+    assert plain.trainer.state.global_step == 20

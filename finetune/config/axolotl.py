@@ -36,6 +36,7 @@ SAME = {
     "resume_from_checkpoint", "loss_watchdog_threshold", "loss_watchdog_patience", "neftune_noise_alpha", "deepspeed",
     "fsdp", "fsdp_config", "seed", "hub_model_id", "torch_compile", "dataset_exact_deduplication",
     "chat_template_jinja", "lora_model_dir", "loraplus_lr_ratio", "rl", "rl_beta", "simpo_gamma",
+    "early_stopping_patience",
 }
 # read by the translation of other keys (the README's table says what each becomes)
 CONSUMED = {
@@ -64,7 +65,6 @@ WANDB_ENV = {"wandb_project": "WANDB_PROJECT", "wandb_entity": "WANDB_ENTITY", "
              "wandb_watch": "WANDB_WATCH", "wandb_log_model": "WANDB_LOG_MODEL"}
 NOT_IMPLEMENTED = {
     "tokens": "adding tokens to the vocabulary",
-    "early_stopping_patience": "early stopping",
     "test_datasets": "separate eval datasets (use val_set_size)",
 }
 # keys of one `datasets:` entry and what becomes of each

@@ -62,6 +62,9 @@ def validate(model_args: ModelArguments, data_args: DataArguments, args: Trainin
         raise UsageError("--sample_packing already fills rows to --model_max_len; drop --group_by_length")
     if args.do_eval and data_args.eval_dataset_size == 0 and not args.merge_only:
         raise UsageError("--do_eval needs an eval split; pass --eval_dataset_size (e.g. 0.02) or drop --do_eval")
+    if args.early_stopping_patience and args.eval_strategy == "no":
+        raise UsageError(f"--early_stopping_patience {args.early_stopping_patience} watches the eval loss, and "
+                         "--eval_strategy is no; pass --eval_strategy steps --eval_steps N with --eval_dataset_size")
     if args.eval_strategy != "no" and data_args.eval_dataset_size == 0:
         raise UsageError(
             f"--eval_strategy {enum_value(args.eval_strategy)} needs an eval split; pass --eval_dataset_size "

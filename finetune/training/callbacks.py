@@ -80,6 +80,26 @@ class LossWatchdog(transformers.TrainerCallback):
             control.should_save = False
 
 
+class EarlyStopping(transformers.TrainerCallback):
+    """--early_stopping_patience: stop once the eval loss has not improved for `patience` evaluations in a row."""
+
+    def __init__(self, patience: int):
+        self.patience, self.best, self.stale = patience, None, 0
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        loss = (metrics or {}).get("eval_loss")
+        if loss is None:
+            return
+        if self.best is None or loss < self.best:
+            self.best, self.stale = loss, 0
+            return
+        self.stale += 1
+        if self.stale >= self.patience:
+            logger.info("early stopping at step %d: eval loss %.4f has not improved on %.4f for %d evaluations",
+                        state.global_step, loss, self.best, self.stale)
+            control.should_training_stop = True
+
+
 class EvalGenerationCallback(transformers.TrainerCallback):
     """--eval_generation_samples: at every evaluation, generate answers to the first eval prompts and log them."""
 

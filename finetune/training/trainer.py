@@ -14,6 +14,7 @@ from finetune.data.pipeline import Collator
 from finetune.outputs import inference
 from finetune.training import throughput
 from finetune.training.callbacks import (
+    EarlyStopping,
     EvalGenerationCallback,
     FlopCounterCallback,
     LossWatchdog,
@@ -131,6 +132,8 @@ def trainer_parts(model, args: TrainingArguments, paths: RunPaths, tokenizer, tr
     model.config.use_cache = False  # with a cache, transformers would not look for packed sequences
     meter = throughput.measure(model, args, train)
     callbacks = [PreemptionCallback(), LossWatchdog(args.loss_watchdog_threshold, args.loss_watchdog_patience)]
+    if args.early_stopping_patience:
+        callbacks.append(EarlyStopping(args.early_stopping_patience))
     if args.flop_counter:
         callbacks.append(FlopCounterCallback(meter))
     if args.profiler_dir:
