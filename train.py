@@ -83,6 +83,11 @@ class ModelArguments:
                   "<s>, eos </s>, unk <unk>, pad <unk>, BOS added, EOS not), so training and the saved "
                   "tokenizer get them right."},
     )
+    add_tokens: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Tokens added to the vocabulary as whole, ordinary (trainable, not special) tokens, e.g. "
+                  "--add_tokens '<tool>' '</tool>' (axolotl's tokens); the embeddings grow, the new rows train."},
+    )
     pad_token: Optional[str] = field(
         default=None,
         metadata={"help": "Pad token. None: keep the tokenizer's, else its unk token, else EOS (safe: masks and "
@@ -94,17 +99,12 @@ class ModelArguments:
     unk_token: Optional[str] = field(default=None, metadata={"help": "Override the unk token (None: keep)."})
     rope_scaling_type: Optional[str] = field(
         default=None,
-        metadata={
-            "help": "Replace the model's RoPE scaling to stretch its context (needs --rope_scaling_factor; None: keep "
-            "the config's). linear: positions divided by the factor; dynamic: NTK-aware, identical to no scaling up "
-            "to the model's max_position_embeddings and rescaled on the fly beyond it (so training on shorter "
-            "samples sees plain RoPE); yarn: only the low frequencies are interpolated and attention is scaled by "
-            "0.1*ln(factor)+1. linear and yarn set max_position_embeddings to the pretrained length x factor. "
-            "Applied before the model loads, so the saved full model and the --merged_output_dir model carry it "
-            "(an adapter alone does not: load its base with the same rope_parameters). llama3 and longrope need "
-            "more parameters than a factor: edit the model's config.json for those.",
-            "choices": list(ROPE_SCALING_TYPES),
-        },
+        metadata={"help": "Replace the model's RoPE scaling to stretch its context (needs --rope_scaling_factor; None: "
+                  "keep the config's). linear: positions / factor; dynamic: NTK-aware, plain RoPE up to "
+                  "max_position_embeddings, rescaled beyond; yarn: low frequencies interpolated, attention scaled by "
+                  "0.1*ln(factor)+1 (linear, yarn: max_position_embeddings x factor). Set before loading, so the full "
+                  "and merged models carry it (an adapter alone does not). llama3/longrope: edit config.json.",
+                  "choices": list(ROPE_SCALING_TYPES)},
     )
     rope_scaling_factor: Optional[float] = field(
         default=None,

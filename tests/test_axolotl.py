@@ -74,10 +74,10 @@ def test_axolotls_chat_template_example_needs_a_template_we_have_and_maps_the_re
 
 
 def test_keys_we_do_not_implement_stop_the_run_naming_every_one_and_unknown_keys_name_the_closest(tmp_path, alpaca_file):
-    config = localized(tmp_path, "qlora-1b", "m", alpaca_file, test_datasets=[{"path": "x.json"}], tokens=["<x>"])
+    config = localized(tmp_path, "qlora-1b", "m", alpaca_file, test_datasets=[{"path": "x.json"}])
     with pytest.raises(train.UsageError) as error:
         train.parse_arguments([config])
-    for key in ("test_datasets (separate eval datasets", "tokens (adding tokens"):
+    for key in ("test_datasets (separate eval datasets",):
         assert key in str(error.value)
     result = run(train_py(config), cwd=str(tmp_path))  # as a user sees it: exit 2, before anything is written
     assert result.returncode == 2 and "test_datasets" in result.output and "Traceback" not in result.output
@@ -251,3 +251,18 @@ def test_preference_keys_map_onto_rl_and_its_knobs(tmp_path, alpaca_file):
     config = localized(tmp_path, "qlora-1b", "some/model", alpaca_file, rl="dpo")  # the example packs its samples
     with pytest.raises(train.UsageError, match="--rl dpo compares each pair's two answers .* so --sample_packing"):
         train.parse_arguments([config])
+
+
+def test_tokens_become_whole_trainable_vocabulary_entries(tmp_path, tiny_model, alpaca_file):
+    from conftest import build_stages
+
+    config = localized(tmp_path, "qlora-1b", "m", alpaca_file, tokens=["<tool>", "</tool>"])
+    model_args, _, _, _ = train.parse_arguments([config])
+    assert model_args.add_tokens == ["<tool>", "</tool>"]
+    built = build_stages(tiny_model, alpaca_file, tmp_path / "o", "--dataset_format", "alpaca", "--bits", "32",
+                         "--add_tokens", "<tool>", "</tool>", "--save_strategy", "no")
+    ids = built.tokenizer("<tool>x</tool>", add_special_tokens=False)["input_ids"]
+    assert ids[0] == built.tokenizer.convert_tokens_to_ids("<tool>") and len(ids) <= 3
+    assert "<tool>" not in built.tokenizer.all_special_tokens  # an ordinary token: decoded, never skipped
+    assert built.model.get_input_embeddings().weight.shape[0] == len(built.tokenizer)
+    assert any("embed_tokens" in name for name, p in built.model.named_parameters() if p.requires_grad)

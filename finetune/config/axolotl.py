@@ -25,7 +25,7 @@ RENAMED = {
     "val_set_size": "eval_dataset_size", "train_on_inputs": "train_on_source", "lora_target_modules": "lora_modules",
     "wandb_name": "run_name", "gradient_checkpointing": "activation_checkpointing",
     "lora_modules_to_save": "lora_modules_to_save", "default_system_message": "default_system_prompt",
-    "peft_use_dora": "use_dora", "peft_use_rslora": "use_rslora", "dpo_label_smoothing": "label_smoothing",
+    "tokens": "add_tokens", "peft_use_dora": "use_dora", "peft_use_rslora": "use_rslora", "dpo_label_smoothing": "label_smoothing",
     "orpo_alpha": "rl_beta", "kto_desirable_weight": "desirable_weight", "kto_undesirable_weight": "undesirable_weight",
 }
 SAME = {
@@ -64,7 +64,6 @@ NO_OP = {
 WANDB_ENV = {"wandb_project": "WANDB_PROJECT", "wandb_entity": "WANDB_ENTITY", "wandb_run_id": "WANDB_RUN_ID",
              "wandb_watch": "WANDB_WATCH", "wandb_log_model": "WANDB_LOG_MODEL"}
 NOT_IMPLEMENTED = {
-    "tokens": "adding tokens to the vocabulary",
     "test_datasets": "separate eval datasets (use val_set_size)",
 }
 # keys of one `datasets:` entry and what becomes of each

@@ -56,6 +56,10 @@ def load_tokenizer(model_args: ModelArguments, data_args: DataArguments):
     if overrides:
         added = tokenizer.add_special_tokens(overrides)
         logger.info("special tokens set: %s (%d new to the vocabulary)", overrides, added)
+    if model_args.add_tokens:
+        new = [token for token in dict.fromkeys(model_args.add_tokens) if token not in tokenizer.get_vocab()]
+        tokenizer.add_tokens(new)
+        logger.info("--add_tokens: %d of %d new to the vocabulary: %s", len(new), len(model_args.add_tokens), new)
     formats = data_args.dataset_format
     needed = {t for name in formats for t in FORMAT_INFO[name].special_tokens}
     layout_tokens = sorted(t for t in needed if t not in tokenizer.get_vocab())
