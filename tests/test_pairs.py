@@ -378,3 +378,18 @@ def test_dpo_on_pairs_from_real_alpaca_data_raises_the_held_out_margin(tiny_mode
     after = built.trainer.evaluate()
     assert abs(before["eval_rewards/margins"]) < 1e-6
     assert after["eval_rewards/margins"] > 0.2 and after["eval_rewards/accuracies"] >= 0.75
+
+
+def test_gradient_accumulation_gives_the_steps_of_the_whole_batch(tiny_model, reverse_pairs, tmp_path):
+    """SGD (Adam would hide a loss scaled by the accumulation count): 2 x 2 accumulated = one batch of 4."""
+    flags = (*FLAGS, *LORA, "--rl", "dpo", "--max_steps", "3", "--eval_strategy", "no", "--eval_dataset_size", "0",
+             "--optim", "sgd", "--learning_rate", "0.5")
+    whole = build_stages(tiny_model, reverse_pairs, tmp_path / "whole", *flags)
+    whole.trainer.train()
+    parts = build_stages(tiny_model, reverse_pairs, tmp_path / "parts", *flags, "--per_device_train_batch_size", "2",
+                         "--gradient_accumulation_steps", "2")
+    parts.trainer.train()
+    assert max((a - b).abs().max().item() for a, b in zip(whole.model.state_dict().values(),
+                                                          parts.model.state_dict().values())) <= 1e-6
+    start = build_stages(tiny_model, reverse_pairs, tmp_path / "start", *flags).model.state_dict()
+    assert max((a - b).abs().max().item() for a, b in zip(start.values(), whole.model.state_dict().values())) > 1e-3
