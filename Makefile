@@ -1,14 +1,16 @@
 # The two commands a newcomer needs (README): `make demo` and `make test`. Both create .venv on first use:
-# torch first (pinned), the requirements, this project (editable), and DeepSpeed's CPU ops compiled once.
+# torch first (pinned), the requirements, GPTQModel without its dependencies (requirements-gptq.txt says why), this
+# project (editable), and DeepSpeed's CPU ops compiled once.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-gptq.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --target $(VENV)/gptq -r requirements-gptq.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions $(PY) -c \
 	  "from finetune.runtime import build_deepspeed_cpu_ops; build_deepspeed_cpu_ops()"

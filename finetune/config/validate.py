@@ -85,7 +85,7 @@ def validate(model_args: ModelArguments, data_args: DataArguments, args: Trainin
                          "the newest complete checkpoint in --working_dir by itself")
     if args.dry_run_world_size is not None and not args.dry_run:
         raise UsageError(f"--dry_run_world_size {args.dry_run_world_size}: needs --dry_run and a count >= 1")
-    check_output_arguments(args)
+    check_output_arguments(data_args, args)
     preflight.check_reporting(args.report_to)
     check_turn_options(data_args)
     if data_args.expand_conversations:
@@ -258,7 +258,7 @@ def check_deepspeed_overrides(args: TrainingArguments) -> None:
                            args.deepspeed, section, kind, flag, enum_value(getattr(args, name)))
 
 
-def check_output_arguments(args: TrainingArguments) -> None:
+def check_output_arguments(data_args: DataArguments, args: TrainingArguments) -> None:
     """Predictions, throughput and hub flags; the hub itself is probed here, before anything loads."""
     if args.do_predict and args.generation_samples <= 0:
         raise UsageError(f"--generation_samples must be > 0 with --do_predict (got {args.generation_samples})")
@@ -268,6 +268,15 @@ def check_output_arguments(args: TrainingArguments) -> None:
     if args.export_gguf and not (args.full_finetune or args.merged_output_dir):
         raise UsageError(f"--export_gguf {' '.join(args.export_gguf)} exports a whole model: an adapter run needs "
                          "--merged_output_dir (the GGUF files go to <merged_output_dir>/gguf), or use --full_finetune")
+    if args.export_gptq and not (args.full_finetune or args.merged_output_dir):
+        raise UsageError(f"--export_gptq {args.export_gptq} quantizes a whole model: an adapter run needs "
+                         "--merged_output_dir (the model goes to <merged_output_dir>/gptq-BITSbit), or use --full_finetune")
+    if args.export_gptq and args.merge_only and not data_args.dataset:
+        raise UsageError(f"--export_gptq {args.export_gptq} --merge_only calibrates on training samples; pass the "
+                         "run's --dataset (and its --dataset_format)")
+    gptq_knobs = non_default(args, ("gptq_group_size", "quantization_max_samples")) if not args.export_gptq else []
+    if gptq_knobs:
+        raise UsageError(f"{', '.join(gptq_knobs)} only apply to --export_gptq; add it or drop them")
     strategy = enum_value(args.hub_strategy)
     if strategy != "every_save":
         raise UsageError(f"--hub_strategy {strategy} would be ignored: checkpoints are never pushed, only the finished "

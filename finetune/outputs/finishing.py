@@ -16,7 +16,7 @@ from finetune.config.precision import Precision
 from finetune.modeling import knobs
 from finetune.modeling.adapters import MUTATED_INITS, convert_mutated_adapter
 from finetune.modeling.tokenizer import load_tokenizer
-from finetune.outputs import gguf_export, hub, inference, merging, reporting
+from finetune.outputs import gguf_export, gptq_export, hub, inference, merging, reporting
 from finetune.runtime import without_zero3_init
 from finetune.training.stages import Stages, build_datasets, generation_config
 
@@ -73,6 +73,7 @@ def finish_training(stages: Stages, model_args: ModelArguments, data_args: DataA
                       first_samples(stages.train_set, args.merge_verify_samples))
         reporting.write_output_extras(paths.merged, report)
     export_gguf(data_args, args, paths, tokenizer, stages.train_set)
+    export_gptq(data_args, args, paths, tokenizer, stages.train_set)
     paths.mark_completed(global_step)
     return 0 if hub.push_outputs(args, paths) else 4
 
@@ -115,7 +116,10 @@ def merge_only(model_args: ModelArguments, data_args: DataArguments, args: Train
         samples = first_samples(train_set, args.merge_verify_samples)
     merge_adapter(model_args, args, paths, tokenizer, gen_config, samples)
     reporting.write_output_extras(paths.merged, reporting.load_report(saved))
-    export_gguf(data_args, args, paths, tokenizer, train_set if samples else None)
+    if args.export_gptq and train_set is None:
+        train_set, _, _ = build_datasets(data_args, args, paths, tokenizer, write=False)
+    export_gguf(data_args, args, paths, tokenizer, train_set)
+    export_gptq(data_args, args, paths, tokenizer, train_set)
     return 0
 
 
@@ -131,6 +135,11 @@ def finish_completed_run(model_args: ModelArguments, data_args: DataArguments, a
     exported = os.path.join(paths.merged or paths.final, "gguf", "export_verification.json")
     if args.export_gguf and args.process_index == 0 and not os.path.isfile(exported):
         export_gguf(data_args, args, paths, load_tokenizer(model_args, data_args), None)
+    quantized = os.path.join(paths.merged or paths.final, f"gptq-{args.export_gptq}bit", "gptq_verification.json")
+    if args.export_gptq and args.process_index == 0 and not os.path.isfile(quantized):
+        tokenizer = load_tokenizer(model_args, data_args)
+        train_set, _, _ = build_datasets(data_args, args, paths, tokenizer, write=False)
+        export_gptq(data_args, args, paths, tokenizer, train_set)
     if args.process_index == 0 and not hub.push_outputs(args, paths):
         return 4
     return 0
@@ -147,6 +156,15 @@ def export_gguf(data_args: DataArguments, args: TrainingArguments, paths: RunPat
     gguf_export.export_gguf(paths.merged or paths.final, list(args.export_gguf), tokenizer,
                             end_of_turn=min(ends) if ends else None, system_prompt=data_args.default_system_prompt,
                             sample_texts=texts)
+
+
+def export_gptq(data_args: DataArguments, args: TrainingArguments, paths: RunPaths, tokenizer, train_set) -> None:
+    """--export_gptq: the merged model (a full fine-tune: the final one) GPTQ-quantized, calibrated on the first
+    --quantization_max_samples training samples (outputs/gptq_export.py)."""
+    if not args.export_gptq:
+        return
+    samples = gptq_export.calibration_samples(train_set, args.quantization_max_samples, data_args.model_max_len)
+    gptq_export.export_gptq(paths.merged or paths.final, args.export_gptq, args.gptq_group_size, tokenizer, samples)
 
 
 def first_samples(train_set, count: int) -> Optional[list[dict]]:
