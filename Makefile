@@ -16,13 +16,20 @@ $(VENV)/.installed: requirements.txt requirements-gptq.txt pyproject.toml
 	  "from finetune.runtime import build_deepspeed_cpu_ops; build_deepspeed_cpu_ops()"
 	touch $@
 
-.PHONY: install demo test bench
+# llama.cpp for the GGUF export's check against llama.cpp itself (tests/test_gguf.py); compiled from source, about
+# 5 minutes on 2 cores, so only `make test` (and whoever runs `make llamacpp`) waits for it
+$(VENV)/.llamacpp: $(VENV)/.installed requirements-llamacpp.txt
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF" $(PY) -m pip install --quiet -r requirements-llamacpp.txt
+	touch $@
+
+.PHONY: install demo test bench llamacpp
+llamacpp: $(VENV)/.llamacpp
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) scripts/demo.py
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(VENV)/.llamacpp
 	$(PY) -m pytest
 
 # Throughput benchmark (not part of the tests): installs TRL into the same venv, needs ../shared/data.

@@ -98,6 +98,11 @@ def test_every_type_reads_back_as_the_model_with_its_tokenizer_and_metadata(tmp_
         assert entry["tokenizer"]["equal"] == entry["tokenizer"]["texts"] > 4
         if wanted in ("f16", "bf16", "q8_0"):
             assert entry["logits"]["top1_agree"] == 4
+        native = entry["llama_cpp"]  # llama.cpp itself (make test installs llama-cpp-python)
+        assert native["tokenizer_equal"] == 4 and native["end_of_generation"] == {
+            str(tokenizer.eos_token_id): True, str(end): True}
+        if wanted in ("f16", "bf16", "q8_0"):
+            assert native["top1_agree"] == 4 and native["max_abs_diff"] < {"f16": 1e-3, "bf16": 1e-2, "q8_0": 5e-2}[wanted]
     assert report[f"{kind}-F16.gguf"]["tensors"]["worst"]["F16"] == 0.0  # exactly the cast
     assert 0 < report[f"{kind}-Q4_0.gguf"]["tensors"]["worst"]["Q4_0"] <= gguf_export.gguf_verify.BLOCK_BOUNDS["q4_0"]
     modelfile = open(os.path.join(out, "Modelfile")).read()

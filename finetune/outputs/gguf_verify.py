@@ -38,11 +38,20 @@ def verify_files(directory: str, layout, tokenizer, model_dir: str, sample_texts
 
             reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         entry["logits"] = check_logits(directory, name, reference, tokenizer, VERIFY_PROMPTS)
+        entry["llama_cpp"] = check_llama_cpp(path, reference, tokenizer, VERIFY_PROMPTS)
         report[name] = entry
         logger.info("GGUF %s verified: %d tensors (worst %s), tokenizer ids equal on %d/%d texts, next-token argmax "
                     "agrees on %d/%d prompts (max |logit diff| %.3g)", name, entry["tensors"]["checked"],
                     entry["tensors"]["worst"], entry["tokenizer"]["equal"], entry["tokenizer"]["texts"],
                     entry["logits"]["top1_agree"], entry["logits"]["prompts"], entry["logits"]["max_abs_diff"])
+        native = entry["llama_cpp"]
+        if "skipped" in native:
+            logger.info("GGUF %s: no llama.cpp check: %s", name, native["skipped"])
+        else:
+            logger.info("GGUF %s in llama.cpp: next-token argmax agrees on %d/%d prompts (max |logit diff| %.3g), "
+                        "tokenizer equal on %d, end tokens treated as end of generation: %s", name,
+                        native["top1_agree"], native["prompts"], native["max_abs_diff"], native["tokenizer_equal"],
+                        native["end_of_generation"])
     return report
 
 
@@ -142,3 +151,51 @@ def check_logits(directory: str, name: str, reference, tokenizer, prompts: list[
             agree += int(want.argmax() == got.argmax())
             worst = max(worst, float((want - got).abs().max()))
     return {"prompts": len(prompts), "top1_agree": agree, "max_abs_diff": round(worst, 6)}
+
+
+def check_llama_cpp(path: str, reference, tokenizer, prompts: list[str]) -> dict:
+    """llama.cpp itself (llama-cpp-python, requirements-llamacpp.txt; `make test` installs it): the file's next-token
+    logits vs the model's, its own tokenization vs the HF ids, which of our end tokens it treats as end of generation,
+    and a greedy generation that ends at the first one it meets. Reported, not enforced (a quantized file differs)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return {"skipped": "llama-cpp-python is not installed (pip install -r requirements-llamacpp.txt)"}
+    llm = llama_cpp.Llama(model_path=path, n_ctx=256, verbose=False, n_threads=max(1, min(4, os.cpu_count() or 1)))
+    try:
+        agree, worst, same_ids = 0, 0.0, 0
+        for prompt in prompts:
+            ids = tokenizer(prompt)["input_ids"]
+            with torch.no_grad():
+                want = reference(input_ids=torch.tensor([ids])).logits[0, -1].numpy()
+            llm.reset()
+            llm.eval(ids)
+            got = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+            agree += int(got.argmax() == want.argmax())
+            worst = max(worst, float(np.abs(got - want).max()))
+            plain = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            same_ids += int(llm.tokenize(prompt.encode(), add_bos=False, special=True) == plain)
+        vocab = llm._model.vocab
+        ends = {token: bool(llama_cpp.llama_vocab_is_eog(vocab, token)) for token in end_tokens(tokenizer, path)}
+        generated, stopped = [], False
+        for token in llm.generate(tokenizer(prompts[0])["input_ids"], temp=0.0, repeat_penalty=1.0, reset=True):
+            generated.append(int(token))
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                stopped = True
+                break
+            if len(generated) >= 32:
+                break
+    finally:
+        llm.close()
+    return {"prompts": len(prompts), "top1_agree": agree, "max_abs_diff": round(worst, 6), "tokenizer_equal": same_ids,
+            "end_of_generation": {str(token): value for token, value in ends.items()},
+            "greedy_tokens": len(generated), "greedy_stopped_at_end_token": stopped}
+
+
+def end_tokens(tokenizer, path: str) -> list[int]:
+    """EOS and the file's end-of-turn token."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    eot = reader.get_field("tokenizer.ggml.eot_token_id")
+    return sorted({tokenizer.eos_token_id} | ({int(eot.contents())} if eot is not None else set()))
