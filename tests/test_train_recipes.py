@@ -169,11 +169,15 @@ def test_lora_fp32_merge_matches_base_plus_adapter(tmp_path, tiny_model):
     assert (logits(str(merged), ids) - merged_logits).abs().max().item() == 0.0
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_preemption_signal_saves_a_checkpoint_at_a_step_boundary_and_the_run_resumes(tmp_path, tiny_model, sig):
-    data_file = write_jsonl(tmp_path / "data.jsonl", instructions(40))
+@pytest.mark.parametrize(("sig", "rl"), [(signal.SIGTERM, None), (signal.SIGINT, "dpo")], ids=["SIGTERM", "SIGINT-dpo"])
+def test_preemption_signal_saves_a_checkpoint_at_a_step_boundary_and_the_run_resumes(tmp_path, tiny_model, sig, rl):
+    records = instructions(40)
+    if rl:  # preference training stops the same way
+        records = [{"instruction": r["instruction"], "chosen": r["response"], "rejected": "No."} for r in records]
+    data_file = write_jsonl(tmp_path / "data.jsonl", records)
     out = tmp_path / "adapter"
-    command = lora_command(tiny_model, data_file, str(out), "--max_steps", "300", "--save_steps", "1000")
+    command = lora_command(tiny_model, data_file, str(out), "--max_steps", "300", "--save_steps", "1000",
+                           *(["--rl", rl] if rl else []))
     log = open(tmp_path / "log.txt", "w")
     process = subprocess.Popen(command, cwd=str(tmp_path), env=child_env(), stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
