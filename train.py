@@ -40,7 +40,7 @@ from finetune.modeling.knobs import ROPE_SCALING_TYPES
 from finetune.outputs import finishing
 from finetune.outputs.merging import MERGE_BASES, MergeError
 from finetune.run_paths import RunPaths
-from finetune.runtime import has_accelerator, process_rank, setup_logging
+from finetune.runtime import close_process_group, has_accelerator, process_rank, setup_logging
 from finetune.training import stages
 
 logger = logging.getLogger("train")
@@ -709,6 +709,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if process_rank() == 0 or debug:  # every rank sees the same bad input: say it once
             logger.error("%s", error, exc_info=debug)
         return 2
+    finally:
+        close_process_group()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,16 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
 
+def close_process_group() -> None:
+    """Destroy the process group (torchrun / accelerate runs) before the interpreter exits: a rank that finishes
+    while rank 0 still merges otherwise tears down live gloo threads at exit ("terminate called without an active
+    exception", exit -6), and the launcher then kills rank 0 mid-merge."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def has_accelerator() -> bool:
     import torch
 
