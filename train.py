@@ -129,9 +129,10 @@ class ModelArguments:
 class DataArguments:
     dataset: Optional[list[str]] = field(
         default=None,
-        metadata={"help": "Training data: local .json/.jsonl/.parquet/.csv/.tsv files or hub dataset names. Several "
-                  "may be given (--dataset a.json b.json, or the flag repeated); their records are split and "
-                  "shuffled together."},
+        metadata={"help": "Training data: local .json/.jsonl/.parquet/.csv/.tsv files, local folders or hub dataset names. "
+                  "Several may be given (--dataset a.json b.json, or the flag repeated); their records are split and "
+                  "shuffled together. A source may end in ?split=S&name=N&data_files=a.jsonl,b.jsonl: the split "
+                  "(default train), a hub dataset's configuration, files inside the folder or hub dataset."},
     )
     dataset_format: list[str] = field(
         default_factory=lambda: ["airoboros"],
@@ -158,6 +159,16 @@ class DataArguments:
         metadata={"help": "Held-out eval split: a fraction < 1 of the records, or a count >= 1; 0 means no eval "
                   "split. Stratified by the records' `category` when present, seeded by --data_seed (else "
                   "--seed)."},
+    )
+    eval_dataset: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Separate eval data (axolotl's test_datasets), written like --dataset (default split: test for "
+                  "folders and hub datasets; a file is read whole); instead of --eval_dataset_size."},
+    )
+    eval_dataset_format: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Formats of --eval_dataset: one for all or one each (None: the --dataset_format when it is one).",
+                  "choices": sorted(FORMATS)},
     )
     dataset_text_field: str = field(
         default="text", metadata={"help": "completion format: the field holding the raw text."}
@@ -281,10 +292,16 @@ class DataArguments:
                   "choices": ["dpo", "ipo", "orpo", "simpo", "kto"]},
     )
 
+    @property
+    def has_eval_set(self) -> bool:
+        return bool(self.eval_dataset_size or self.eval_dataset)
+
     def __post_init__(self):
         check_choices(self)
         require(self.model_max_len > 0, f"--model_max_len must be > 0 (got {self.model_max_len})")
         require(self.eval_dataset_size >= 0, f"--eval_dataset_size must be >= 0 (got {self.eval_dataset_size})")
+        require(not (self.eval_dataset and self.eval_dataset_size), f"--eval_dataset and --eval_dataset_size "
+                f"{self.eval_dataset_size} both give an eval set; keep one (axolotl: val_set_size 0 with test_datasets)")
         require(self.dataset_processes >= 1, f"--dataset_processes must be >= 1 (got {self.dataset_processes})")
         require(bool(self.roles_to_train), "--roles_to_train needs at least one role (e.g. assistant)")
         require(all(weight > 0 for weight in self.dataset_weights or []),

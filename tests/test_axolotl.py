@@ -74,13 +74,16 @@ def test_axolotls_chat_template_example_needs_a_template_we_have_and_maps_the_re
 
 
 def test_keys_we_do_not_implement_stop_the_run_naming_every_one_and_unknown_keys_name_the_closest(tmp_path, alpaca_file):
-    config = localized(tmp_path, "qlora-1b", "m", alpaca_file, test_datasets=[{"path": "x.json"}])
+    config = localized(tmp_path, "qlora-1b", "m", alpaca_file, chat_template="llama3",
+                       datasets=[{"path": alpaca_file, "type": "chat_template", "roles": {"user": ["human", "asker"]},
+                                  "message_property_mappings": {"role": "speaker"}}])
     with pytest.raises(train.UsageError) as error:
         train.parse_arguments([config])
-    for key in ("test_datasets (separate eval datasets",):
+    for key in ("chat_template: llama3 (a named template", "datasets[0].message_property_mappings",
+                "datasets[0].roles.user"):
         assert key in str(error.value)
     result = run(train_py(config), cwd=str(tmp_path))  # as a user sees it: exit 2, before anything is written
-    assert result.returncode == 2 and "test_datasets" in result.output and "Traceback" not in result.output
+    assert result.returncode == 2 and "roles.user" in result.output and "Traceback" not in result.output
     assert not os.path.exists(tmp_path / "out")
     typo = localized(tmp_path, "qlora-1b", "m", alpaca_file, micro_batch_sise=4)
     with pytest.raises(train.UsageError, match=r"unknown key micro_batch_sise \(did you mean micro_batch_size\?\)"):

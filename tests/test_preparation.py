@@ -11,7 +11,7 @@ import pytest
 from conftest import write_jsonl
 
 import train
-from finetune.data import packing, preparation
+from finetune.data import packing, preparation, sources
 from finetune.data import pipeline as data
 
 
@@ -77,12 +77,12 @@ def test_json_arrays_parquet_and_csv_stream_the_same_records(tmp_path):
     pd.DataFrame(records).to_csv(tmp_path / "a.csv", index=False)
     for name in ("a.json", "a.parquet", "a.csv"):
         assert [r.data for r in data.read_records(str(tmp_path / name))] == records, name
-    small = list(data.read_json_array(str(tmp_path / "a.json"), "a.json", block=64))  # elements across blocks
+    small = list(sources.read_json_array(str(tmp_path / "a.json"), "a.json", block=64))  # elements across blocks
     assert [r.data for r in small] == records and small[29].where == "a.json[29]"
-    assert [r.where for r in data.read_table(str(tmp_path / "a.csv"), "a.csv", block=7)][-1] == "a.csv:31"
+    assert [r.where for r in sources.read_table(str(tmp_path / "a.csv"), "a.csv", block=7)][-1] == "a.csv:31"
     (tmp_path / "bad.json").write_text('[\n{"instruction": "a"},\n{"instruction": "b",}\n]')
     with pytest.raises(data.DataError, match=r"bad.json:3: not valid JSON"):
-        list(data.read_json_array(str(tmp_path / "bad.json"), "bad.json", block=8))
+        list(sources.read_json_array(str(tmp_path / "bad.json"), "bad.json", block=8))
 
 
 def test_under_torchrun_the_other_rank_waits_for_a_long_preparation_past_a_short_ddp_timeout(tmp_path, tiny_model):

@@ -41,7 +41,7 @@ SAME = {
 # read by the translation of other keys (the README's table says what each becomes)
 CONSUMED = {
     "adapter": "lora: LoRA at --bits 16 (8 / 4 with load_in_8bit / load_in_4bit); qlora: --bits 4 --quant_type nf4 "
-               "--double_quant; none: --full_finetune --bits 16",
+               "--double_quant; none: --full_finetune --bits 16 with bf16/fp16, else --bits 32",
     "load_in_4bit": "--bits 4 (with adapter)", "load_in_8bit": "--bits 8 (with adapter)",
     "lora_target_linear": "--lora_modules all", "bf16": "--bf16 (auto: true on a bf16 GPU, else false)",
     "flash_attention": "--attn_implementation flash_attention_2 (sdpa without CUDA)",
@@ -54,6 +54,7 @@ CONSUMED = {
     "chat_template": "tokenizer_default: --dataset_format chat_template; jinja: the same with chat_template_jinja; "
                      "chatml: chatml; llama2: llama2_chat (other named templates refused)",
     "datasets": "--dataset / --dataset_format (type), --custom_* (a user-defined type), --roles_to_train",
+    "test_datasets": "--eval_dataset / --eval_dataset_format (entries as in datasets; default split: test)",
     "shuffle_merged_datasets": "always: several datasets are trained shuffled together",
     "overrides_of_model_config": "rope_scaling -> --rope_scaling_type / --rope_scaling_factor",
 }
@@ -63,9 +64,7 @@ NO_OP = {
 }
 WANDB_ENV = {"wandb_project": "WANDB_PROJECT", "wandb_entity": "WANDB_ENTITY", "wandb_run_id": "WANDB_RUN_ID",
              "wandb_watch": "WANDB_WATCH", "wandb_log_model": "WANDB_LOG_MODEL"}
-NOT_IMPLEMENTED = {
-    "test_datasets": "separate eval datasets (use val_set_size)",
-}
+NOT_IMPLEMENTED: dict[str, str] = {}
 # keys of one `datasets:` entry and what becomes of each
 DATASET_KEYS = {
     "path": "--dataset (a local file or a hub name)",
@@ -78,8 +77,11 @@ DATASET_KEYS = {
     "roles": "only names the built-in role aliases already map",
     "roles_to_train": "--roles_to_train",
     "train_on_eos": "turn or all: every trained turn's end token is trained",
-    "split": "train only", "data_files": "**refused** (a subset of a dataset)",
-    "name": "**refused** (a configuration of a hub dataset)", "train_on_split": "**refused** (a split other than train)",
+    "split": "`?split=` on the --dataset source (a local file has one: train)",
+    "train_on_split": "the same as split (both given must agree)",
+    "data_files": "`?data_files=a,b` on the --dataset source: files inside the folder or hub dataset `path`",
+    "name": "`?name=` on the --dataset source: the hub dataset's configuration (a list: one source each)",
+    "weight": "--dataset_weights (this trainer's key: < 1 samples, > 1 repeats; datasets only)",
 }
 # axolotl dataset types -> our format names (registered names such as context_qa.load_v2 are taken as they are)
 DATASET_TYPES = {"input_output": "input-output", "alpaca_chat.load_qa": "alpaca_chat.load_qa"}
@@ -116,8 +118,9 @@ def translate(path: str, config: dict, known_flags: set[str]) -> dict:
             out[key] = value
         elif key in NO_OP:
             logger.info("axolotl key %s: nothing to do (%s)", key, NO_OP[key])
-    out.update(adapter_flags(given))
-    out.update(precision_flags(given))
+    precision = precision_flags(given)
+    out.update(adapter_flags(given, half=bool(precision.get("bf16") or given.get("fp16"))))
+    out.update(precision)
     out.update(schedule_flags(given))
     out.update(token_flags(path, given))
     datasets, dataset_refusals = dataset_flags(path, given)
@@ -155,15 +158,17 @@ def closest(key: str, candidates: list[str]) -> str:
     return f" (did you mean {match[0]}?)" if match else ""
 
 
-def adapter_flags(config: dict) -> dict:
+def adapter_flags(config: dict, half: bool) -> dict:
+    """adapter / load_in_* -> --bits and the LoRA settings; a full fine-tune keeps 32-bit weights unless it trains
+    in bf16/fp16 (as axolotl: pure fp16 weights under AdamW overflow)."""
     adapter = config.get("adapter")
     bits = 4 if config.get("load_in_4bit") else 8 if config.get("load_in_8bit") else 16
     if adapter is None:
         if bits != 16:
             raise UsageError(f"axolotl load_in_{bits}bit without an adapter: a full fine-tune needs 16 or 32 bits; "
                              "add adapter: lora or qlora, or drop load_in_*")
-        logger.info("axolotl: no adapter -> --full_finetune --bits 16")
-        return {"full_finetune": True, "bits": 16}
+        logger.info("axolotl: no adapter -> --full_finetune --bits %d", 16 if half else 32)
+        return {"full_finetune": True, "bits": 16 if half else 32}
     if adapter not in ("lora", "qlora"):
         raise UsageError(f"axolotl adapter: {adapter}: only lora and qlora are implemented")
     out: dict = {"bits": 4 if adapter == "qlora" else bits}
@@ -205,9 +210,9 @@ def schedule_flags(config: dict) -> dict:
         if config.get(key) and not config.get(flag) and not config.get("max_steps"):
             out[flag] = 1.0 / (float(config[key]) * epochs)
             out[strategy] = "steps"
-            if key == "evals_per_epoch" and not config.get("val_set_size"):
+            if key == "evals_per_epoch" and not (config.get("val_set_size") or config.get("test_datasets")):
                 del out[flag], out[strategy]  # no eval split: nothing to evaluate
-    if config.get("eval_steps") and config.get("val_set_size"):
+    if config.get("eval_steps") and (config.get("val_set_size") or config.get("test_datasets")):
         out["eval_strategy"] = "steps"
     ratio = config.get("cosine_min_lr_ratio")
     if ratio is not None:
@@ -229,52 +234,84 @@ def token_flags(path: str, config: dict) -> dict:
 
 
 def dataset_flags(path: str, config: dict) -> tuple[dict, list[str]]:
-    """`datasets:` -> --dataset / --dataset_format (+ --custom_* for a user-defined type, --roles_to_train)."""
+    """`datasets:` -> --dataset / --dataset_format (+ --custom_* for a user-defined type, --roles_to_train);
+    `test_datasets:` the same into --eval_dataset / --eval_dataset_format."""
+    out, refused = {}, []
+    for key, flag in (("datasets", "dataset"), ("test_datasets", "eval_dataset")):
+        entries = config.get(key) or []
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and e.get("path") for e in entries):
+            raise UsageError(f"axolotl config {path}: {key} must be a list of mappings with a path")
+        sources, formats, weights = [], [], []
+        for number, entry in enumerate(entries):
+            kind, flags, entry_refused = dataset_entry(path, config, f"{key}[{number}]", entry)
+            out.update(flags)
+            refused += entry_refused
+            if key == "test_datasets" and "weight" in entry:
+                refused.append(f"{key}[{number}].weight (eval sets are not weighted)")
+            for source in dataset_sources(f"{key}[{number}]", entry, refused):
+                sources.append(source)
+                formats.append(kind)
+                weights.append(float(entry.get("weight", 1.0)))
+        if sources:
+            out.update({flag: sources, f"{flag}_format": formats})
+        if key == "datasets" and any("weight" in entry for entry in entries):
+            out["dataset_weights"] = weights
+    return out, refused
+
+
+def dataset_sources(spot: str, entry: dict, refused: list[str]) -> list[str]:
+    """One entry's `path` with its split / name / data_files as --dataset sources (`PATH?split=..&name=..`); a list
+    of names gives one source each, as axolotl loads each configuration on its own."""
+    split, train_on = entry.get("split"), entry.get("train_on_split")
+    if split and train_on and split != train_on:
+        refused.append(f"{spot}.split {split} and train_on_split {train_on} disagree (give one)")
+    split = split or train_on
+    files = entry.get("data_files")
+    files = [files] if isinstance(files, str) else list(files or [])
+    names = entry.get("name")
+    sources = []
+    for name in names if isinstance(names, list) else [names]:
+        options = [f"{key}={value}" for key, value in (("split", split), ("name", name)) if not empty(value)]
+        if files:
+            options.append("data_files=" + ",".join(map(str, files)))
+        sources.append(str(entry["path"]) + ("?" + "&".join(options) if options else ""))
+    return sources
+
+
+def dataset_entry(path: str, config: dict, spot: str, entry: dict) -> tuple[str, dict, list[str]]:
+    """One `datasets:` entry's format name, the flags its type sets, and what of it is refused."""
     from dataset_formats import FORMATS
 
-    entries = config.get("datasets") or []
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and e.get("path") for e in entries):
-        raise UsageError(f"axolotl config {path}: datasets must be a list of mappings with a path")
+    unknown = [key for key in entry if key not in DATASET_KEYS]
+    if unknown:
+        raise UsageError(f"axolotl config {path}: unknown key {spot}.{unknown[0]}"
+                         f"{closest(unknown[0], sorted(DATASET_KEYS))}; a dataset takes {', '.join(DATASET_KEYS)}")
     template = config.get("chat_template") or "tokenizer_default"
-    refused, paths, formats, out = [], [], [], {}
-    for number, entry in enumerate(entries):
-        spot = f"datasets[{number}]"
-        unknown = [key for key in entry if key not in DATASET_KEYS]
+    kind, out, refused = entry.get("type", "alpaca"), {}, []
+    if isinstance(kind, dict):  # a user-defined instruction format
+        custom = {f"custom_{key}": value for key, value in kind.items() if not empty(value)}
+        unknown = [key for key in custom if key.removeprefix("custom_") not in (
+            "field_instruction", "field_input", "field_output", "field_system", "format", "no_input_format",
+            "system_format", "system_prompt")]
         if unknown:
-            raise UsageError(f"axolotl config {path}: unknown key {spot}.{unknown[0]}"
-                             f"{closest(unknown[0], sorted(DATASET_KEYS))}; a dataset takes {', '.join(DATASET_KEYS)}")
-        kind = entry.get("type", "alpaca")
-        for key in ("data_files", "split", "name", "train_on_split"):
-            if not empty(entry.get(key)) and not (key == "split" and entry[key] == "train"):
-                refused.append(f"{spot}.{key} (loading a subset of a dataset)")
-        if isinstance(kind, dict):  # a user-defined instruction format
-            custom = {f"custom_{key}": value for key, value in kind.items() if not empty(value)}
-            unknown = [key for key in custom if key.removeprefix("custom_") not in (
-                "field_instruction", "field_input", "field_output", "field_system", "format", "no_input_format",
-                "system_format", "system_prompt")]
-            if unknown:
-                refused.append(f"{spot}.type.{unknown[0].removeprefix('custom_')} (user-defined type key)")
-            out.update(custom)
-            kind = "custom"
-        elif kind == "chat_template":
-            if template not in CHAT_TEMPLATES:
-                refused.append(f"chat_template: {template} (a named template; use tokenizer_default for the model's "
-                               "own, jinja with chat_template_jinja, or chatml)")
-            if template == "jinja" and not config.get("chat_template_jinja"):
-                refused.append("chat_template: jinja without chat_template_jinja (give the template's text)")
-            kind = CHAT_TEMPLATES.get(template, "chat_template")
-            refused += chat_dataset_refusals(spot, entry)
-            if entry.get("roles_to_train"):
-                out["roles_to_train"] = list(entry["roles_to_train"])
-        else:
-            kind = DATASET_TYPES.get(kind, kind)
-            if kind not in FORMATS:
-                refused.append(f"{spot}.type: {entry.get('type')} (no such format here; known: see --help)")
-        paths.append(str(entry["path"]))
-        formats.append(kind)
-    if paths:
-        out.update(dataset=paths, dataset_format=formats)
-    return out, refused
+            refused.append(f"{spot}.type.{unknown[0].removeprefix('custom_')} (user-defined type key)")
+        out.update(custom)
+        kind = "custom"
+    elif kind == "chat_template":
+        if template not in CHAT_TEMPLATES:
+            refused.append(f"chat_template: {template} (a named template; use tokenizer_default for the model's "
+                           "own, jinja with chat_template_jinja, or chatml)")
+        if template == "jinja" and not config.get("chat_template_jinja"):
+            refused.append("chat_template: jinja without chat_template_jinja (give the template's text)")
+        kind = CHAT_TEMPLATES.get(template, "chat_template")
+        refused += chat_dataset_refusals(spot, entry)
+        if entry.get("roles_to_train"):
+            out["roles_to_train"] = list(entry["roles_to_train"])
+    else:
+        kind = DATASET_TYPES.get(kind, kind)
+        if kind not in FORMATS:
+            refused.append(f"{spot}.type: {entry.get('type')} (no such format here; known: see --help)")
+    return kind, out, refused
 
 
 def chat_dataset_refusals(spot: str, entry: dict) -> list[str]:

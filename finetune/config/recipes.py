@@ -1,9 +1,9 @@
 """Recipe files (`python train.py recipe.yaml [flags]`): a YAML or JSON mapping of flag names to values, loaded
 as the parser's defaults, so flags given after the file win (as TRL's scripts do with their configs).
 
-Keys are flag names without `--`. Also accepted: `datasets: [{path, format | type}, ...]` (several datasets with
-their formats), `custom_format: {format, no_input_format, field_instruction, ...}` (the --custom_* flags) and the
-legacy flag names, mapped like on the command line. An unknown key is an error naming the closest flag. An axolotl
+Keys are flag names without `--`. Also accepted: `datasets: [{path, format | type, weight, split, name, data_files},
+...]` (several datasets with their formats; split / name / data_files become the source's `?split=..` options),
+`custom_format: {format, no_input_format, field_instruction, ...}` (the --custom_* flags) and the legacy flag names, mapped like on the command line. An unknown key is an error naming the closest flag. An axolotl
 config (its keys: base_model, micro_batch_size, ...) is translated first (finetune/config/axolotl.py), and a RunPod
 worker job file is read as its args (finetune/config/environment.py)."""
 
@@ -86,7 +86,7 @@ def checked(path: str, name: str, value, actions: dict) -> dict:
     return {name: value}
 
 
-DATASET_ENTRY_KEYS = ("path", "format", "type", "weight")
+DATASET_ENTRY_KEYS = ("path", "format", "type", "weight", "split", "name", "data_files")
 
 
 def recipe_datasets(path: str, entries) -> dict:
@@ -98,8 +98,15 @@ def recipe_datasets(path: str, entries) -> dict:
             if key not in DATASET_ENTRY_KEYS:
                 raise UsageError(f"recipe file {path}: datasets[{number}].{key} is not a dataset key"
                                  f"{axolotl.closest(str(key), list(DATASET_ENTRY_KEYS))}; known: {', '.join(DATASET_ENTRY_KEYS)}")
-    out = {"dataset": [str(entry["path"]) for entry in entries],
-           "dataset_format": [str(entry.get("format", entry.get("type", "airoboros"))) for entry in entries]}
-    if any("weight" in entry for entry in entries):
-        out["dataset_weights"] = [float(entry.get("weight", 1.0)) for entry in entries]
+    out: dict = {"dataset": [], "dataset_format": [], "dataset_weights": []}
+    refused: list[str] = []
+    for number, entry in enumerate(entries):
+        for source in axolotl.dataset_sources(f"datasets[{number}]", entry, refused):  # path?split=..&name=..
+            out["dataset"].append(source)
+            out["dataset_format"].append(str(entry.get("format", entry.get("type", "airoboros"))))
+            out["dataset_weights"].append(float(entry.get("weight", 1.0)))
+    if refused:
+        raise UsageError(f"recipe file {path}: {'; '.join(refused)}")
+    if not any("weight" in entry for entry in entries):
+        del out["dataset_weights"]
     return out

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from finetune.checks import preflight
 from finetune.config.schema import enum_value, non_default
-from finetune.data.pipeline import looks_local
+from finetune.data.sources import check_source
 from finetune.errors import UsageError
 from finetune.run_paths import RESUME_LATEST, checkpoint_is_complete
 from finetune.runtime import has_accelerator, process_rank
@@ -28,9 +28,12 @@ def validate(model_args: ModelArguments, data_args: DataArguments, args: Trainin
     if not data_args.dataset and not args.merge_only:
         raise UsageError("--dataset is required (a .json/.jsonl/.parquet/.csv/.tsv file or a hub dataset name)")
     check_merge_arguments(model_args, args)
-    for dataset in data_args.dataset or []:
-        if looks_local(dataset) and not os.path.isfile(dataset):
-            raise UsageError(f"--dataset {dataset}: file not found (cwd: {os.getcwd()})")
+    for dataset in [*(data_args.dataset or []), *(data_args.eval_dataset or [])]:
+        check_source(dataset)
+    if data_args.eval_dataset and len(eval_formats := data_args.eval_dataset_format or data_args.dataset_format) not in (
+            1, len(data_args.eval_dataset)):
+        raise UsageError(f"{len(data_args.eval_dataset)} eval datasets but {len(eval_formats)} formats; give one "
+                         "--eval_dataset_format for all, or one per --eval_dataset in the same order")
     if len(data_args.dataset_format) not in (1, len(data_args.dataset or [])):
         raise UsageError(
             f"{len(data_args.dataset)} datasets but {len(data_args.dataset_format)} formats; give one --dataset_format "
@@ -60,12 +63,12 @@ def validate(model_args: ModelArguments, data_args: DataArguments, args: Trainin
     check_preference_flags(data_args, args)
     if data_args.sample_packing and args.train_sampling_strategy == "group_by_length":
         raise UsageError("--sample_packing already fills rows to --model_max_len; drop --group_by_length")
-    if args.do_eval and data_args.eval_dataset_size == 0 and not args.merge_only:
+    if args.do_eval and not data_args.has_eval_set and not args.merge_only:
         raise UsageError("--do_eval needs an eval split; pass --eval_dataset_size (e.g. 0.02) or drop --do_eval")
     if args.early_stopping_patience and args.eval_strategy == "no":
         raise UsageError(f"--early_stopping_patience {args.early_stopping_patience} watches the eval loss, and "
                          "--eval_strategy is no; pass --eval_strategy steps --eval_steps N with --eval_dataset_size")
-    if args.eval_strategy != "no" and data_args.eval_dataset_size == 0:
+    if args.eval_strategy != "no" and not data_args.has_eval_set:
         raise UsageError(
             f"--eval_strategy {enum_value(args.eval_strategy)} needs an eval split; pass --eval_dataset_size "
             "(e.g. 0.02) or --eval_strategy no"

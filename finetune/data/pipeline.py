@@ -7,12 +7,9 @@ DataArguments of train.py (the type is imported for annotations only: train.py i
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
@@ -36,179 +33,14 @@ from dataset_formats import (
 from finetune.data import pairs
 from finetune.data.conversations import CONVERSATION_FIELDS, reasoning_count, tool_counts
 from finetune.data.packing import PackedCollator, padded_length
+from finetune.data.sources import DataError, Record, read_records  # noqa: F401 (read_records: the tests' entry point)
 
 if TYPE_CHECKING:
     from train import DataArguments
 
 logger = logging.getLogger(__name__)
 
-LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".tsv")
 PREPARED_VERSION = 3  # bump when the tokenization or the prepared layout changes, so old caches are not reused
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, the line or record, the field and the fix."""
-
-
-@dataclass
-class Record:
-    data: dict
-    where: str  # "file.jsonl:17" or "file.json[16]": used in every error about this record
-    format: str = ""  # the --dataset_format of the dataset it came from
-    source: int = 0  # the index of its --dataset
-    repeat: int = 1  # times its samples are trained (--dataset_weights; finetune/data/mixing.py)
-
-
-# --- reading -----------------------------------------------------------------------------------------------------------
-
-
-def looks_local(dataset: str) -> bool:
-    """A path that exists or ends like a data file is local; anything else is taken as a hub dataset name."""
-    return os.path.exists(dataset) or dataset.endswith(LOCAL_SUFFIXES)
-
-
-def read_records(dataset: str) -> list[Record]:
-    """A local .json/.jsonl/.parquet/.csv/.tsv file, or a hub dataset name (needs the network)."""
-    records = list(iter_records(dataset))
-    if not records:
-        raise DataError(f"{dataset}: the file holds no records; add some or point --dataset at another file")
-    return records
-
-
-def iter_records(dataset: str) -> Iterator[Record]:
-    """The records of one dataset, one at a time: JSON Lines, JSON arrays, parquet and CSV/TSV are read in pieces,
-    so memory does not grow with the file (a JSON file whose top level is an object is read whole)."""
-    if not looks_local(dataset):
-        yield from read_hub_records(dataset)
-        return
-    if not os.path.isfile(dataset):
-        raise DataError(f"--dataset {dataset}: file not found (cwd: {os.getcwd()})")
-    name = os.path.basename(dataset)
-    if dataset.endswith(".jsonl"):
-        yield from read_jsonl(dataset, name)
-    elif dataset.endswith(".json"):
-        yield from read_json(dataset, name)
-    else:
-        yield from read_table(dataset, name)
-
-
-def read_jsonl(path: str, name: str) -> Iterator[Record]:
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{name}:{number}: not valid JSON ({error.msg} at column {error.colno})") from error
-            if not isinstance(value, dict):
-                raise DataError(f"{name}:{number}: each line must be a JSON object, got {type(value).__name__}")
-            yield Record(value, f"{name}:{number}")
-
-
-def read_json(path: str, name: str) -> Iterator[Record]:
-    with open(path, encoding="utf-8") as handle:
-        start = handle.read(4096).lstrip()
-    if start.startswith("["):
-        yield from read_json_array(path, name)
-        return
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    if not text.strip():
-        return
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        if error.msg == "Extra data":  # JSON Lines saved as .json
-            try:
-                yield from list(read_jsonl(path, name))
-                return
-            except DataError:
-                pass
-        raise DataError(f"{name}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno})") from error
-    if isinstance(value, dict) and isinstance(value.get("data"), list):
-        value = value["data"]
-    if not isinstance(value, list):
-        raise DataError(f"{name}: the top level must be a list of records (or JSON Lines), got {type(value).__name__}")
-    for index, item in enumerate(value):
-        if not isinstance(item, dict):
-            raise DataError(f"{name}[{index}]: each record must be a JSON object, got {type(item).__name__}")
-        yield Record(item, f"{name}[{index}]")
-
-
-def read_json_array(path: str, name: str, block: int = 1 << 20) -> Iterator[Record]:
-    """A top-level JSON array decoded one element at a time from a sliding buffer (errors keep the file's line)."""
-    decoder = json.JSONDecoder()
-    buffer, offset, line, index, done = "", 0, 1, 0, False
-    with open(path, encoding="utf-8") as handle:
-        buffer = handle.read(block)
-        offset = buffer.index("[") + 1
-        while True:
-            while True:  # skip whitespace and the comma before the next element, reading on as needed
-                while offset < len(buffer) and buffer[offset] in " \t\r\n,":
-                    line += buffer[offset] == "\n"
-                    offset += 1
-                if offset < len(buffer) or done:
-                    break
-                more = handle.read(block)
-                done = not more
-                buffer, offset = buffer[offset:] + more, 0
-            if offset >= len(buffer):
-                raise DataError(f"{name}:{line}: not valid JSON (the array is not closed with ])")
-            if buffer[offset] == "]":
-                return
-            try:
-                item, end = decoder.raw_decode(buffer, offset)
-            except json.JSONDecodeError as error:
-                more = "" if done else handle.read(block)
-                if more:  # the element runs past the buffer: read on and decode it again
-                    buffer, offset, done = buffer[offset:] + more, 0, False
-                    continue
-                where = line + buffer.count("\n", offset, error.pos)
-                raise DataError(f"{name}:{where}: not valid JSON ({error.msg})") from error
-            if not isinstance(item, dict):
-                raise DataError(f"{name}[{index}]: each record must be a JSON object, got {type(item).__name__}")
-            yield Record(item, f"{name}[{index}]")
-            line += buffer.count("\n", offset, end)
-            index += 1
-            offset = end
-            if offset > block:
-                buffer, offset = buffer[offset:], 0
-
-
-def read_table(path: str, name: str, block: int = 10_000) -> Iterator[Record]:
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        index = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=block):
-            for row in batch.to_pylist():
-                yield Record(row, f"{name}[row {index}]")
-                index += 1
-        return
-    import pandas as pd
-
-    line = 2  # line 1 is the header
-    for frame in pd.read_csv(path, sep="\t" if path.endswith(".tsv") else ",", keep_default_na=False, chunksize=block):
-        for row in frame.to_dict(orient="records"):
-            yield Record(row, f"{name}:{line}")
-            line += 1
-
-
-def read_hub_records(dataset: str) -> Iterator[Record]:
-    import datasets
-
-    try:
-        loaded = datasets.load_dataset(dataset, split="train")
-    except Exception as error:  # datasets raises many types (ConnectionError, FileNotFoundError, DatasetNotFound...)
-        raise DataError(
-            f"--dataset {dataset}: not a local file, and loading it from the Hugging Face hub failed "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
-            "Pass a path to a .json/.jsonl/.parquet/.csv/.tsv file, or check the name and your network "
-            "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE must be unset to download)."
-        ) from error
-    for index, row in enumerate(loaded):  # arrow-backed: rows are read from disk as they are needed
-        yield Record(row, f"{dataset}[{index}]")
 
 
 # --- splitting -----------------------------------------------------------------------------------------------------------

@@ -45,9 +45,9 @@ from finetune.data.pipeline import (
     TokenizeStats,
     custom_settings,
     eval_positions,
-    iter_records,
     tokenize_records,
 )
+from finetune.data.sources import iter_records, source_digest
 from finetune.data.template_masks import template_traits
 
 if TYPE_CHECKING:
@@ -67,13 +67,8 @@ PACKED = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.
 
 def fingerprint(data_args: DataArguments, tokenizer, seed: int) -> str:
     digest = hashlib.sha256()
-    for dataset in data_args.dataset:
-        if os.path.isfile(dataset):
-            with open(dataset, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-        else:
-            digest.update(dataset.encode())
+    for spec, format_name, is_eval in source_table(data_args):
+        digest.update(source_digest(spec) + f"\0{format_name}\0{is_eval}".encode())
     settings = {
         "version": PREPARED_VERSION,
         "format": data_args.dataset_format,
@@ -103,13 +98,24 @@ def fingerprint(data_args: DataArguments, tokenizer, seed: int) -> str:
     return digest.hexdigest()[:16]
 
 
+def source_table(data_args: DataArguments) -> list[tuple[str, str, bool]]:
+    """(source, format, eval only) of every dataset read: each --dataset in order, then each --eval_dataset."""
+    def spread(formats: list[str], count: int) -> list[str]:
+        return formats * count if len(formats) == 1 else formats
+
+    train, evals = data_args.dataset, data_args.eval_dataset or []
+    return ([(spec, fmt, False) for spec, fmt in zip(train, spread(data_args.dataset_format, len(train)))]
+            + [(spec, fmt, True) for spec, fmt in
+               zip(evals, spread(data_args.eval_dataset_format or data_args.dataset_format, len(evals)))])
+
+
 def dataset_formats(data_args: DataArguments) -> list[str]:
-    return data_args.dataset_format * len(data_args.dataset) if len(data_args.dataset_format) == 1 else data_args.dataset_format
+    return [format_name for _, format_name, _ in source_table(data_args)]
 
 
 def all_records(data_args: DataArguments) -> Iterator[Record]:
-    for source, (dataset, format_name) in enumerate(zip(data_args.dataset, dataset_formats(data_args))):
-        for record in iter_records(dataset):
+    for source, (spec, format_name, is_eval) in enumerate(source_table(data_args)):
+        for record in iter_records(spec, "test" if is_eval else "train"):
             record.format, record.source = format_name, source
             yield record
 
@@ -142,8 +148,10 @@ class Plan:
     """Per record of the datasets, in reading order: dropped as a duplicate, eval, or trained `repeat` times."""
 
     def __init__(self, data_args: DataArguments, seed: int):
-        self.per_dataset = [{"dataset": dataset, "records_read": 0} for dataset in data_args.dataset]
-        sources, categories, duplicate, removed = [], [], [], [0] * len(data_args.dataset)
+        table = source_table(data_args)
+        self.per_dataset = [{"dataset": spec, "records_read": 0} | ({"eval_only": True} if is_eval else {})
+                            for spec, _, is_eval in table]
+        sources, categories, duplicate, removed = [], [], [], [0] * len(table)
         deduplicator = mixing.Deduplicator() if data_args.dataset_exact_deduplication else None
         names: dict[str, str] = {}
         for record in all_records(data_args):
@@ -163,7 +171,9 @@ class Plan:
             for entry, count in zip(self.per_dataset, removed):
                 entry["duplicates_removed"] = count
         self.duplicate = duplicate if deduplicator is not None else None
-        self.eval = eval_positions(categories, data_args.eval_dataset_size, seed)
+        trained = sum(1 for source in sources if source < len(data_args.dataset))  # eval-only datasets come last
+        self.eval = eval_positions(categories[:trained], data_args.eval_dataset_size, seed) | set(
+            range(trained, len(sources)))
         train_sources = [source for position, source in enumerate(sources) if position not in self.eval]
         repeats = mixing.weighted_repeats(train_sources, data_args.dataset_weights, seed)
         self.repeat = [0] * len(sources)
@@ -384,8 +394,8 @@ def prepare_into(work: str, plan: Plan, data_args: DataArguments, tokenizer, see
             stats[split].merge(part)
             if split == "train":
                 per_source[source].merge(part)
-    weights = data_args.dataset_weights or [1.0] * len(plan.per_dataset)
-    for entry, part, weight in zip(plan.per_dataset, per_source, weights):
+    weights = data_args.dataset_weights or [1.0] * len(data_args.dataset)
+    for entry, part, weight in zip(plan.per_dataset, per_source, weights):  # the training datasets
         entry.update(weight=weight, train_records=part.samples_read, train_samples=part.samples_kept,
                      trained_tokens=part.trained_tokens)
     train_stats, eval_stats = stats["train"], stats["eval"]
@@ -457,6 +467,10 @@ def staging_dir(cache: str | None) -> tuple[str, list[str]]:
 
 def log_stats(stats: dict) -> None:
     for entry in stats["datasets"] if len(stats["datasets"]) > 1 or "duplicates_removed" in stats["datasets"][0] else []:
+        if entry.get("eval_only"):
+            logger.info("eval dataset %s: %d records read, %d to eval", entry["dataset"], entry["records_read"],
+                        entry["eval_records"])
+            continue
         logger.info("dataset %s: %d records read, %s duplicates removed, %d to eval, %d train records after weight "
                     "%g, %d samples kept, %d trained tokens", entry["dataset"], entry["records_read"],
                     entry.get("duplicates_removed", "no check for"), entry["eval_records"], entry["train_records"],
