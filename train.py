@@ -121,8 +121,9 @@ class ModelArguments:
         require(self.rope_scaling_factor is None or self.rope_scaling_factor > 1,
                 f"--rope_scaling_factor must be > 1 (got {self.rope_scaling_factor}); 1 means no scaling: drop "
                 "--rope_scaling_type and --rope_scaling_factor")
-        # flash_attention_2 without CUDA falls back to sdpa (with a warning); with CUDA but no flash-attn: the hint
-        self.attn_implementation = preflight.resolve_attention(self.attn_implementation)
+        # flash_attention_2 without CUDA falls back to sdpa when loading (warned here, the flag kept as given so a
+        # printed config keeps it); with CUDA but no flash-attn: the install hint
+        preflight.resolve_attention(self.attn_implementation)
 
 
 @dataclass

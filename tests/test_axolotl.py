@@ -57,7 +57,7 @@ def test_axolotls_qlora_example_maps_every_key_onto_our_flags(tmp_path, alpaca_f
     assert args.save_steps == 1.0 and str(args.save_strategy.value) == "steps"  # saves_per_epoch 1
     assert (args.loss_watchdog_threshold, args.loss_watchdog_patience) == (5.0, 3)
     assert args.activation_checkpointing and not args.tf32 and not args.bf16  # bf16: auto, and no bf16 GPU here
-    assert model_args.attn_implementation == "sdpa"  # flash_attention: true, resolved for a machine without CUDA
+    assert model_args.attn_implementation == "flash_attention_2"  # flash_attention: true (sdpa when loaded on CPU)
 
 
 def test_axolotls_chat_template_example_needs_a_template_we_have_and_maps_the_rest(tmp_path):
@@ -151,6 +151,7 @@ def test_print_config_shows_the_translation_as_a_recipe_that_reads_back_the_same
     assert settings["optim"] == "adamw_bnb_8bit" and settings["eval_steps"] == 0.25
     assert "gradient_checkpointing" not in settings and settings["activation_checkpointing"] is True  # current names
     assert "use_cpu" not in settings  # resolved by each machine, not part of the recipe
+    assert settings["attn_implementation"] == "flash_attention_2"  # printed on a CPU machine, kept for the GPU one
     recipe = tmp_path / "printed.yaml"
     recipe.write_text(printed)
     assert train.main([str(recipe), "--print_config"]) == 0
@@ -269,3 +270,83 @@ def test_tokens_become_whole_trainable_vocabulary_entries(tmp_path, tiny_model, 
     assert "<tool>" not in built.tokenizer.all_special_tokens  # an ordinary token: decoded, never skipped
     assert built.model.get_input_embeddings().weight.shape[0] == len(built.tokenizer)
     assert any("embed_tokens" in name for name, p in built.model.named_parameters() if p.requires_grad)
+
+
+# every renamed or same-named axolotl key: (value in the config, extra keys its checks need, expected parsed value)
+KEY_VALUES = {
+    "adam_beta1": (0.8, {}, 0.8), "adam_beta2": (0.99, {}, 0.99), "adam_epsilon": (1e-6, {}, 1e-6),
+    "chat_template_jinja": ("{{ messages }}", {}, "{{ messages }}"),
+    "dataset_exact_deduplication": (True, {}, True), "dataset_prepared_path": ("prep", {}, "prep"),
+    "dataset_processes": (3, {}, 3), "deepspeed": ("{deepspeed}", {}, "{deepspeed}"),
+    "early_stopping_patience": (2, {"val_set_size": 0.1, "eval_steps": 5}, 2),
+    "eval_sample_packing": (False, {"sample_packing": True}, False), "eval_steps": (7, {"val_set_size": 0.1}, 7),
+    "fp16": (True, {}, True), "fsdp": (["full_shard", "auto_wrap"], {}, "full_shard auto_wrap"),
+    "fsdp_config": ({"fsdp_offload_params": True}, {"fsdp": ["full_shard"]}, None),
+    "gradient_accumulation_steps": (3, {}, 3), "group_by_length": (True, {}, "group_by_length"),
+    "hub_model_id": ("me/model", {}, "me/model"), "learning_rate": (3e-4, {}, 3e-4), "logging_steps": (5, {}, 5),
+    "lora_alpha": (32, {}, 32), "lora_dropout": (0.1, {}, 0.1), "lora_model_dir": ("{adapter}", {}, "{adapter}"),
+    "lora_r": (4, {}, 4), "loraplus_lr_ratio": (16.0, {}, 16.0), "loss_watchdog_patience": (5, {}, 5),
+    "loss_watchdog_threshold": (9.0, {}, 9.0), "max_grad_norm": (0.5, {}, 0.5), "max_steps": (11, {}, 11),
+    "neftune_noise_alpha": (5.0, {}, 5.0), "output_dir": ("{out}", {}, "{out}"),
+    "resume_from_checkpoint": ("{checkpoint}", {}, "{checkpoint}"), "rl": ("dpo", {}, "dpo"),
+    "rl_beta": (0.2, {"rl": "dpo"}, 0.2), "sample_packing": (True, {}, True), "save_steps": (9, {}, 9),
+    "save_total_limit": (2, {}, 2), "seed": (5, {}, 5), "simpo_gamma": (0.7, {"rl": "simpo"}, 0.7),
+    "tf32": (False, {}, False), "torch_compile": (True, {}, True), "warmup_ratio": (0.1, {}, 0.1),
+    "warmup_steps": (4, {}, 4), "weight_decay": (0.01, {}, 0.01),
+    "base_model": ("{model}", {}, "{model}"), "default_system_message": ("Be brief.", {"datasets": "chat"}, "Be brief."),
+    "dpo_label_smoothing": (0.1, {"rl": "dpo"}, 0.1), "eval_batch_size": (3, {}, 3),
+    "gradient_checkpointing": (True, {}, True), "kto_desirable_weight": (1.5, {"rl": "kto"}, 1.5),
+    "kto_undesirable_weight": (0.5, {"rl": "kto"}, 0.5), "lora_modules_to_save": (["lm_head"], {}, "lm_head"),
+    "lora_target_modules": (["q_proj", "v_proj"], {}, "q_proj,v_proj"), "lr_scheduler": ("linear", {}, "linear"),
+    "micro_batch_size": (3, {}, 3), "num_epochs": (2, {}, 2), "optimizer": ("adamw_torch", {}, "adamw_torch"),
+    "orpo_alpha": (0.3, {"rl": "orpo"}, 0.3), "peft_use_dora": (True, {}, True), "peft_use_rslora": (True, {}, True),
+    "sequence_len": (333, {}, 333), "tokenizer_config": ("{model}", {}, "{model}"), "tokens": (["<x>"], {}, ["<x>"]),
+    "train_on_inputs": (True, {}, True), "val_set_size": (0.2, {}, 0.2), "wandb_name": ("run-7", {}, "run-7"),
+}
+
+
+def test_every_renamed_key_reaches_its_flag_with_its_value(tmp_path, tiny_model, alpaca_file):
+    """The flags themselves have their own take-effect tests; this one proves each axolotl key sets its flag."""
+    from finetune.config import axolotl
+    from finetune.config.flags import LEGACY_FLAGS
+
+    assert set(KEY_VALUES) == set(axolotl.RENAMED) | axolotl.SAME  # a key added to the tables needs a row here
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 3}')
+    places = {"deepspeed": os.path.join(ROOT, "configs", "deepspeed-zero3.json"), "adapter": str(adapter),
+              "out": str(tmp_path / "elsewhere"), "checkpoint": str(checkpoint), "model": tiny_model}
+    def fill(value):  # "{model}" -> the tiny model's path, ...
+        return places[value[1:-1]] if isinstance(value, str) and value[1:-1] in places and value[0] == "{" else value
+
+    for key, (value, extra, expected) in KEY_VALUES.items():
+        flag = axolotl.RENAMED.get(key, key)
+        config = {"base_model": tiny_model, "output_dir": str(tmp_path / "out"), "adapter": "lora",
+                  "datasets": [{"path": alpaca_file, "type": "alpaca"}], **extra, key: fill(value)}
+        if extra.get("datasets") == "chat":  # a conversation format
+            config["datasets"] = [{"path": alpaca_file, "type": "chat_template"}]
+        translated = axolotl.translate("c.yml", config, set())
+        expected = fill(expected)
+        if key == "fsdp_config":  # needs GPUs to pass the checks; translated as it is
+            assert translated["fsdp_config"] == value
+            continue
+        assert flag in translated, key
+        path = tmp_path / "c.yml"
+        path.write_text(yaml.safe_dump(config))
+        try:
+            parsed = train.parse_arguments([str(path)])
+        except train.UsageError as error:  # checks that need hardware or the hub (fp16 on CPU, fsdp, hub probe)
+            assert key in ("fp16", "fsdp", "hub_model_id", "torch_compile"), f"{key}: {error}"
+            assert translated[flag] == value
+            continue
+        flag = LEGACY_FLAGS.get(f"--{flag}", (f"--{flag}",))[0].lstrip("-")  # a legacy name, mapped by recipes.py
+        holders = [group for group in parsed if hasattr(group, flag)]
+        assert holders, (key, flag)
+        got = getattr(holders[0], flag)
+        got = getattr(got, "value", got)
+        if isinstance(got, list) and not isinstance(expected, list):
+            got = " ".join(str(getattr(item, "value", item)) for item in got)
+        assert got == expected, (key, got, expected)

@@ -1,5 +1,5 @@
-"""Scaling out changes nothing but speed: 1 process x batch 4, torchrun 2 x 2 (DDP) and torchrun 2 x 2 under
-DeepSpeed ZeRO-3 train the same losses, and --dry_run predicts the steps they take. They all use the trained-token
+"""Scaling out changes nothing but speed: 1 process x batch 4, torchrun 2 x 2 (DDP, launched from an axolotl
+config) and torchrun 2 x 2 under DeepSpeed ZeRO-3 train the same losses, and --dry_run predicts the steps they take. They all use the trained-token
 loss (the default); one more single-process run on transformers' plain loss is the reference they must match."""
 
 from __future__ import annotations
@@ -24,6 +24,20 @@ def flags(data: str, out: str, micro_batch: int) -> list[str]:
             "--lr_scheduler_type", "constant", "--report_to", "none"]
 
 
+def axolotl_config(root, data: str, model: str, micro_batch: int) -> str:
+    """flags() as an axolotl config: the 2 x 2 DDP run is launched from it, so torchrun + an axolotl YAML must train
+    what the flags train in one process."""
+    import yaml
+
+    path = root / "axolotl.yml"
+    path.write_text(yaml.safe_dump({
+        "base_model": model, "datasets": [{"path": data, "type": "airoboros_chat"}], "output_dir": str(root / "2x2"),
+        "adapter": None, "bf16": False, "learning_rate": 1e-3, "micro_batch_size": micro_batch, "num_epochs": 1,
+        "max_steps": STEPS, "logging_steps": 1, "save_steps": STEPS, "seed": 7, "lr_scheduler": "constant",
+    }))
+    return str(path)
+
+
 def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", os.path.join(ROOT, "train.py"), *args]
 
@@ -42,7 +56,7 @@ def runs(tmp_path_factory, tiny_model):
     for name, command in {
         "1x4": train_py(*fill(flags(data, str(root / "1x4"), 4))),
         "1x4-plain": train_py(*fill(flags(data, str(root / "1x4-plain"), 4)), "--chunked_cross_entropy", "False"),
-        "2x2": torchrun(*fill(flags(data, str(root / "2x2"), 2))),
+        "2x2": torchrun(axolotl_config(root, data, tiny_model, 2), "--report_to", "none"),
         "2x2-zero3": torchrun(*fill(flags(data, str(root / "2x2-zero3"), 2)),
                               "--deepspeed", os.path.join(ROOT, "configs", "deepspeed-zero3.json")),
     }.items():

@@ -125,8 +125,9 @@ def check_sharding(args) -> None:
         )
 
 
-def resolve_attention(requested: str) -> str:
-    """flash_attention_2 when flash-attn imports; with no CUDA at all, sdpa and a warning; else an install hint."""
+def resolve_attention(requested: str, warn: bool = True) -> str:
+    """The attention kernel this machine runs for --attn_implementation: flash_attention_2 when flash-attn imports;
+    with no CUDA at all, sdpa (and a warning); else an install hint."""
     if requested != "flash_attention_2":
         return requested
     import importlib.util
@@ -136,7 +137,8 @@ def resolve_attention(requested: str) -> str:
     if importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
         return requested
     if not torch.cuda.is_available():
-        logger.warning("flash_attention_2 needs CUDA and this machine has none: using sdpa attention instead")
+        if warn:
+            logger.warning("flash_attention_2 needs CUDA and this machine has none: using sdpa attention instead")
         return "sdpa"
     raise UsageError(f"flash_attention_2 was requested but the flash-attn package is not installed: {FLASH_ATTN_HINT}")
 

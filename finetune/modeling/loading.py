@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import transformers
 
+from finetune.checks.preflight import resolve_attention
 from finetune.config.precision import Precision
 from finetune.modeling import knobs
 
@@ -22,7 +23,8 @@ def load_model(model_args: ModelArguments, args: TrainingArguments, tokenizer):
     import torch
 
     precision = Precision.from_args(args)
-    kwargs = {"dtype": precision.torch_dtype(precision.load_dtype), "attn_implementation": model_args.attn_implementation}
+    kwargs = {"dtype": precision.torch_dtype(precision.load_dtype),
+              "attn_implementation": resolve_attention(model_args.attn_implementation, warn=False)}
     if args.bits in (4, 8):
         kwargs["quantization_config"] = precision.bitsandbytes_config()
         if torch.cuda.is_available():

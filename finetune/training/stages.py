@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import transformers
 
 from dataset_formats import end_token_id
-from finetune.checks.preflight import check_disk_space, fsdp_requested
+from finetune.checks.preflight import check_disk_space, fsdp_requested, resolve_attention
 from finetune.data import pipeline, preparation
 from finetune.modeling.adapters import MUTATED_INITS, add_adapters, save_initial_adapter
 from finetune.modeling.loading import load_model
@@ -136,7 +136,8 @@ def dry_run(config, model_args: ModelArguments, data_args: DataArguments, args: 
     train_set, _, _ = build_datasets(data_args, args, paths, tokenizer, write=False)
     world_size = args.dry_run_world_size or args.world_size
     plan = planning.make_plan(config, tokenizer, train_set, args, data_args.model_max_len, world_size,
-                              model_args.attn_implementation, fsdp=fsdp_requested(args), preference=data_args.rl)
+                              resolve_attention(model_args.attn_implementation, warn=False), fsdp=fsdp_requested(args),
+                              preference=data_args.rl)
     logger.info("%s", planning.describe(plan, args))
     logger.info("plan-json: %s", plan.as_json())
     if torch.cuda.is_available():
