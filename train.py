@@ -351,7 +351,8 @@ class TrainingArguments(transformers.TrainingArguments):
         default=None,
         metadata={"help": "After the merge (or --merge_only; a full fine-tune: its --output_dir model), write "
                   "<model>/gguf/<name>-<TYPE>.gguf for llama.cpp / Ollama: f16, bf16, q8_0, q4_0 (the gguf package), "
-                  "K-quants q2_k ... q6_k via llama.cpp's llama-quantize on PATH. llama, mistral, qwen2 models. "
+                  "K-quants q2_k ... q6_k by llama.cpp's quantizer (llama-cpp-python, or llama-quantize on PATH). llama, "
+                  "mistral, qwen2 models. "
                   "Tokenizer, end-of-turn token, chat template, RoPE carried; each file read back and checked "
                   "(export_verification.json), an Ollama Modelfile beside it (ollama create NAME -f Modelfile).",
                   "choices": list(GGUF_TYPES)},

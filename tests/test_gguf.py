@@ -137,8 +137,10 @@ def test_bad_requests_stop_before_any_work_and_leave_nothing(tmp_path, tiny_mode
 
     model_args, _, args, _ = train.parse_arguments([*base, "--export_gguf", "q4_k_m", "--merged_output_dir",
                                                     str(tmp_path / "m")])
-    monkeypatch.setenv("PATH", str(tmp_path))  # no llama-quantize
-    with pytest.raises(UsageError, match="K-quants are made by llama.cpp's llama-quantize, not found on PATH"):
+    from finetune.checks import export_request
+
+    monkeypatch.setattr(export_request, "k_quant_tool", lambda: None)  # neither llama-cpp-python nor llama-quantize
+    with pytest.raises(UsageError, match="K-quants are made by llama.cpp's quantizer: neither llama-cpp-python"):
         check_model_before_writing(model_args, args, 64)
     from transformers import GPT2Config
 
@@ -154,18 +156,78 @@ def test_bad_requests_stop_before_any_work_and_leave_nothing(tmp_path, tiny_mode
 
 
 def test_train_merge_export_through_train_py(tmp_path, tiny_model):
+    """A model trained until it answers and ends its turn: llama.cpp, running the exported files from the training
+    prompt, generates the model's own greedy answer and stops at <|im_end|> (f16, q8_0 and a K-quant made by
+    llama.cpp's quantizer through llama-cpp-python)."""
     data = write_jsonl(tmp_path / "d.jsonl", [{"conversations": [{"from": "human", "value": f"Say {i}."},
-                                                                 {"from": "gpt", "value": f"It is {i}."}]}
+                                                                 {"from": "gpt", "value": "It is done."}]}
                                               for i in range(8)])
     merged = tmp_path / "merged"
     code = train.main(["--model_name_or_path", tiny_model, "--dataset", data, "--dataset_format", "chatml",
                        "--output_dir", str(tmp_path / "adapter"), "--merged_output_dir", str(merged), "--bits", "32",
-                       "--lora_r", "4", "--max_steps", "2", "--save_strategy", "no", "--report_to", "none",
-                       "--merge_verify_samples", "1", "--export_gguf", "q8_0", "--disable_tqdm", "true"])
+                       "--lora_r", "16", "--lora_alpha", "32", "--learning_rate", "3e-3", "--max_steps", "40",
+                       "--per_device_train_batch_size", "8", "--save_strategy", "no", "--report_to", "none",
+                       "--merge_verify_samples", "1", "--export_gguf", "f16", "q8_0", "q6_k", "--disable_tqdm", "true"])
     assert code == 0
     report = json.load(open(merged / "gguf" / "export_verification.json"))
-    entry = report["verification"]["merged-Q8_0.gguf"]
-    assert entry["tokenizer"]["texts"] >= 12 and entry["tokenizer"]["equal"] == entry["tokenizer"]["texts"]
-    assert entry["metadata"]["chat_template"] is True  # the verified chatml template travels in the file
+    assert report["files"]["merged-Q6_K.gguf"]["made_by"] in ("llama-cpp-python", "llama-quantize")
+    for name in ("merged-F16.gguf", "merged-Q8_0.gguf", "merged-Q6_K.gguf"):
+        entry = report["verification"][name]
+        assert entry["tokenizer"]["texts"] >= 12 and entry["tokenizer"]["equal"] == entry["tokenizer"]["texts"]
+        assert entry["metadata"]["chat_template"] is True  # the verified chatml template travels in the file
+        native = entry["llama_cpp"]
+        assert native["greedy_prompt"] == "training sample" and native["greedy_stopped_at_end_token"], (name, native)
+        assert native["greedy_equals_model"] and native["greedy_text"].strip() == "It is done.<|im_end|>", native
+    assert set(report["verification"]["merged-Q6_K.gguf"]["tensors"]["worst"]) - {"F32"}  # quantized tensors
     assert 'PARAMETER stop "<|im_end|>"' in (merged / "gguf" / "Modelfile").read_text()
     assert (tmp_path / "adapter" / "completed").exists()
+
+
+def test_k_quants_are_made_by_llama_cpps_quantizer_and_read_back_close_to_the_model(tmp_path, tiny_tokenizer):
+    """Rows of 256 (a K-quant super-block), so q4_k_m / q6_k really use K-quant blocks rather than the fallbacks."""
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=256, architectures=["LlamaForCausalLM"])
+    model_dir = save_model(tmp_path / "k", config, tiny_tokenizer)
+    out = gguf_export.export_gguf(model_dir, ["q4_k_m", "q6_k"], tiny_tokenizer, sample_texts=["Hello world."])
+    report = json.load(open(os.path.join(out, "export_verification.json")))
+    assert sorted(report["files"]) == ["k-Q4_K_M.gguf", "k-Q6_K.gguf"]  # the f16 step file is not kept
+    q6, q4 = report["verification"]["k-Q6_K.gguf"], report["verification"]["k-Q4_K_M.gguf"]
+    assert "Q6_K" in q6["tensors"]["worst"] and "Q4_K" in q4["tensors"]["worst"]  # K-quant blocks, read back
+    assert q6["tensors"]["worst"]["Q6_K"] < 0.03 and q4["tensors"]["worst"]["Q4_K"] < 0.12  # relative RMS error
+    for entry in (q6, q4):
+        assert entry["tokenizer"]["equal"] == entry["tokenizer"]["texts"]
+        assert entry["llama_cpp"]["tokenizer_equal"] == 4
+    assert q6["llama_cpp"]["top1_agree"] >= 3 and q6["logits"]["top1_agree"] >= 3
+    reader = gguf.GGUFReader(os.path.join(out, "k-Q6_K.gguf"))
+    assert field(reader, "general.file_type") == int(gguf.LlamaFileType.MOSTLY_Q6_K)
+
+
+def test_llama3_rope_scaling_travels_as_llamacpps_rope_freqs(tmp_path, tiny_tokenizer):
+    """Llama 3.1's RoPE: the per-frequency divisors in rope_freqs equal transformers' own llama3 frequencies, and
+    llama.cpp running the file reproduces the model's logits (an original context of 16 makes the scaling act on
+    most frequencies of these short prompts, so a missing or wrong factor would show)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16, "rope_theta": 10000.0}
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=256, architectures=["LlamaForCausalLM"],
+                         rope_parameters=rope)
+    model_dir = save_model(tmp_path / "l3", config, tiny_tokenizer)
+    out = gguf_export.export_gguf(model_dir, ["f16"], tiny_tokenizer, sample_texts=["Hello world."])
+    reader = gguf.GGUFReader(os.path.join(out, "l3-F16.gguf"))
+    factors = next(t for t in reader.tensors if t.name == "rope_freqs.weight").data
+    plain = 1.0 / (10000.0 ** (np.arange(0, 32, 2) / 32))
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](AutoModelForCausalLM.from_pretrained(model_dir).config, "cpu")
+    assert np.allclose(plain / factors, inv_freq.numpy(), rtol=1e-5) and 1 <= factors.min() < factors.max() == 8.0
+    native = json.load(open(os.path.join(out, "export_verification.json")))["verification"]["l3-F16.gguf"]["llama_cpp"]
+    assert native["top1_agree"] == 4 and native["max_abs_diff"] < 1e-3, native
+    default = AutoModelForCausalLM.from_pretrained(model_dir, rope_parameters={"rope_type": "default",
+                                                                               "rope_theta": 10000.0})
+    scaled = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():  # on the prompts llama.cpp was checked on, the scaling moves logits far more than f16 does
+        moved = max(float((default(input_ids=ids).logits[0, -1] - scaled(input_ids=ids).logits[0, -1]).abs().max())
+                    for ids in (torch.tensor([tiny_tokenizer(p)["input_ids"]]) for p in gguf_export.gguf_verify.VERIFY_PROMPTS))
+    print(f"llama3 RoPE: llama.cpp max |diff| {native['max_abs_diff']:.2e}, default RoPE moves logits {moved:.2e}")
+    assert moved > 5 * native["max_abs_diff"], (moved, native["max_abs_diff"])

@@ -3,6 +3,7 @@ types finetune/outputs/gguf_export.py writes, and the llama.cpp tool K-quants ne
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -24,14 +25,22 @@ def check_export_request(types: list[str], config) -> None:
                          f"{', '.join(sorted(ARCHITECTURES))}. Drop --export_gguf (the merged model is a plain "
                          "transformers model: llama.cpp's convert_hf_to_gguf.py may know it)")
     rope = dict(getattr(config, "rope_parameters", None) or {})
-    if rope.get("rope_type", "default") not in ("default", "linear", "yarn"):
-        raise UsageError(f"--export_gguf: RoPE type {rope['rope_type']!r} has no GGUF equivalent written here "
-                         "(default, linear and yarn are); drop --export_gguf or the --rope_scaling flags")
+    kinds = ("default", "linear", "yarn") + (("llama3",) if ARCHITECTURES[architecture][0] == "llama" else ())
+    if rope.get("rope_type", "default") not in kinds:
+        raise UsageError(f"--export_gguf: RoPE type {rope['rope_type']!r} of {architecture} has no GGUF equivalent "
+                         f"written here ({', '.join(kinds)} are); drop --export_gguf or the --rope_scaling flags")
     kquants = [t for t in types if t in K_QUANTS]
-    if kquants and not shutil.which("llama-quantize"):
-        raise UsageError(f"--export_gguf {' '.join(kquants)}: K-quants are made by llama.cpp's llama-quantize, not "
-                         "found on PATH; build llama.cpp (cmake -B build && cmake --build build) and put build/bin on "
-                         f"PATH, or use {', '.join(BASIC_TYPES)}")
+    if kquants and not k_quant_tool():
+        raise UsageError(f"--export_gguf {' '.join(kquants)}: K-quants are made by llama.cpp's quantizer: neither "
+                         "llama-cpp-python (pip install -r requirements-llamacpp.txt, or `make llamacpp`) nor "
+                         "llama-quantize on PATH was found; install one, or use " + ", ".join(BASIC_TYPES))
+
+
+def k_quant_tool() -> str | None:
+    """llama.cpp's quantizer: its llama-quantize tool on PATH, else the same function through llama-cpp-python."""
+    if shutil.which("llama-quantize"):
+        return "llama-quantize"
+    return "llama-cpp-python" if importlib.util.find_spec("llama_cpp") is not None else None
 
 
 def check_gptq_request(bits: int, group_size: int, config) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Optional
 
 import transformers
 
-from dataset_formats import end_token_id
+from dataset_formats import IGNORE_INDEX, end_token_id
 from finetune.config.precision import Precision
 from finetune.modeling import knobs
 from finetune.modeling.adapters import MUTATED_INITS, convert_mutated_adapter
@@ -153,9 +153,14 @@ def export_gguf(data_args: DataArguments, args: TrainingArguments, paths: RunPat
     ends = {end_token_id(name, tokenizer) for name in data_args.dataset_format} - {tokenizer.eos_token_id}
     texts = [tokenizer.decode(train_set[i]["input_ids"], skip_special_tokens=True)
              for i in range(min(16, len(train_set)))] if train_set is not None else []
+    prompt = None
+    if train_set is not None and len(train_set):  # the first sample's prompt: its ids before the first trained one
+        first = train_set[0]
+        trained = next((i for i, label in enumerate(first["labels"]) if label != IGNORE_INDEX), 0)
+        prompt = first["input_ids"][:trained] or None
     gguf_export.export_gguf(paths.merged or paths.final, list(args.export_gguf), tokenizer,
                             end_of_turn=min(ends) if ends else None, system_prompt=data_args.default_system_prompt,
-                            sample_texts=texts)
+                            sample_texts=texts, prompt_ids=prompt)
 
 
 def export_gptq(data_args: DataArguments, args: TrainingArguments, paths: RunPaths, tokenizer, train_set) -> None:

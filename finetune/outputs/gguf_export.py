@@ -9,10 +9,11 @@ Ollama Modelfile beside it.
   permute, q/k/v biases kept); anything else is refused before any work.
 - Types: f16, bf16, q8_0, q4_0 (the gguf package's quantizers); 1-D tensors, norms and biases stay f32, as
   llama.cpp's converter keeps them; a matrix whose rows are not a multiple of 32 falls back to f16 for q8_0/q4_0.
-  K-quants (q4_k_m, ...) come from llama.cpp's `llama-quantize` on PATH, run on the f16 file.
+  K-quants (q4_k_m, ...) come from llama.cpp's own quantizer, run on the f16 file: llama-cpp-python's binding
+  of it (requirements-llamacpp.txt), or its `llama-quantize` tool when that is on PATH.
 - Tokenizer: byte-level BPE ("gpt2": tokens, types, merges, a pre-tokenizer name) or sentencepiece ("llama":
   pieces, scores, types), BOS/EOS/pad/unk and the format's end-of-turn token, add_bos, the chat template; RoPE
-  (base, linear/yarn scaling) and the context length from the config.
+  (base, linear/yarn scaling, llama3's per-frequency factors as the rope_freqs tensor) and the context length.
 - Verification: every tensor read back with gguf's reader and compared with the model's (f16/bf16: equal to the
   cast; q8_0/q4_0: within the type's bound per 32-value block); the tokenizer rebuilt from the file by
   transformers' own GGUF reader must give the HF tokenizer's ids on the samples' text; the file loaded by
@@ -26,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from finetune.checks.export_request import ARCHITECTURES, BASIC_TYPES, K_QUANTS, check_export_request
+from finetune.checks.export_request import ARCHITECTURES, BASIC_TYPES, K_QUANTS, check_export_request, k_quant_tool
 from finetune.errors import UsageError
 from finetune.fileio import free_bytes
 from finetune.modeling.checkpoint_files import TensorFile, base_checkpoint_files
@@ -85,6 +87,35 @@ class Layout:
         return value
 
 
+class ComputedTensors:
+    """Tensors the GGUF file needs that no checkpoint holds (llama3 RoPE's rope_freqs), read like a TensorFile."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+        self.names = list(tensors)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+
+def llama3_rope_factors(config) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling as llama.cpp takes it: a divisor per rotary frequency in the rope_freqs tensor (1
+    for high frequencies, `factor` for low ones, smoothed between; transformers' llama3 rule)."""
+    rope = dict(config.rope_parameters)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    freqs = 1.0 / (float(rope.get("rope_theta", 10000.0)) ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    factor, low, high = float(rope["factor"]), float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    context = float(rope.get("original_max_position_embeddings") or 8192)
+    wavelength = 2 * math.pi / freqs
+    smooth = ((context / wavelength - low) / (high - low)).clamp(0, 1)
+    divisor = 1 / ((1 - smooth) / factor + smooth)
+    divisor = torch.where(wavelength < context / high, torch.ones_like(divisor), divisor)
+    return torch.where(wavelength > context / low, torch.full_like(divisor, factor), divisor).to(torch.float32)
+
+
 def model_layout(model_dir: str):
     import transformers
 
@@ -104,6 +135,9 @@ def model_layout(model_dir: str):
             if target is None:
                 raise UsageError(f"--export_gguf: tensor {name} of {model_dir} has no GGUF name for {arch}")
             names.append((name, target, tensors))
+    if dict(getattr(config, "rope_parameters", None) or {}).get("rope_type") == "llama3":
+        target = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        names.append(("rope_freqs", target, ComputedTensors({"rope_freqs": llama3_rope_factors(config)})))
     return Layout(arch, permute, config, names)
 
 
@@ -253,7 +287,8 @@ def write_file(path: str, layout: Layout, wanted: str, tokenizer, tokenizer_dir:
 
 
 def export_gguf(model_dir: str, types: list[str], tokenizer, end_of_turn: int | None = None,
-                system_prompt: str | None = None, sample_texts: list[str] | None = None) -> str:
+                system_prompt: str | None = None, sample_texts: list[str] | None = None,
+                prompt_ids: list[int] | None = None) -> str:
     """All requested GGUF files of the model in `model_dir` (its tokenizer saved there too), verified, with an
     Ollama Modelfile, in <model_dir>/gguf. Returns that directory."""
     layout = model_layout(model_dir)
@@ -279,16 +314,16 @@ def export_gguf(model_dir: str, types: list[str], tokenizer, end_of_turn: int | 
             report["files"][os.path.basename(path)] = {"type": wanted, "tensor_types": counts, "bytes": os.path.getsize(path)}
             logger.info("GGUF %s written: %s (%.1f MiB)", wanted, path, os.path.getsize(path) / 2**20)
         for wanted in (t for t in types if t in K_QUANTS):
-            source = os.path.join(staging, f"{name}-F16.gguf")
             path = os.path.join(staging, f"{name}-{wanted.upper()}.gguf")
-            subprocess.run(["llama-quantize", source, path, wanted.upper()], check=True, capture_output=True)
-            report["files"][os.path.basename(path)] = {"type": wanted, "bytes": os.path.getsize(path),
-                                                       "made_by": "llama-quantize"}
+            tool = k_quantize(os.path.join(staging, f"{name}-F16.gguf"), path, wanted)
+            report["files"][os.path.basename(path)] = {"type": wanted, "bytes": os.path.getsize(path), "made_by": tool}
+            logger.info("GGUF %s written by %s: %s (%.1f MiB)", wanted, tool, path, os.path.getsize(path) / 2**20)
         if "f16" not in types and any(t in K_QUANTS for t in types):
             os.remove(os.path.join(staging, f"{name}-F16.gguf"))
             report["files"].pop(f"{name}-F16.gguf")
         report["verification"] = gguf_verify.verify_files(staging, layout, tokenizer, model_dir,
-                                                          sample_texts or [], [t for t in types if t in BASIC_TYPES])
+                                                          sample_texts or [], [t for t in types if t in BASIC_TYPES],
+                                                          prompt_ids)
         first = next(iter(report["files"]))
         write_modelfile(os.path.join(staging, "Modelfile"), first, tokenizer, end_of_turn, system_prompt)
         with open(os.path.join(staging, "export_verification.json"), "w") as handle:
@@ -300,6 +335,27 @@ def export_gguf(model_dir: str, types: list[str], tokenizer, end_of_turn: int | 
     os.replace(staging, final)
     logger.info("GGUF export in %s (export_verification.json; `ollama create %s -f %s/Modelfile`)", final, name, final)
     return final
+
+
+def k_quantize(source: str, target: str, wanted: str) -> str:
+    """A K-quant file from the f16 one by llama.cpp's own quantizer (its mixes: q4_k_m keeps some tensors at q6_k;
+    a matrix whose rows are not a multiple of 256 gets llama.cpp's fallback type). Returns the tool used."""
+    tool = k_quant_tool()
+    if tool == "llama-quantize":
+        result = subprocess.run(["llama-quantize", source, target, wanted.upper()], capture_output=True, text=True)
+        if result.returncode:
+            raise UsageError(f"--export_gguf {wanted}: llama-quantize failed: {result.stderr.strip()[-500:]}")
+        return tool
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{wanted.upper()}")
+    params.nthread = os.cpu_count() or 1
+    if llama_cpp.llama_model_quantize(source.encode(), target.encode(), ctypes.byref(params)) != 0:
+        raise UsageError(f"--export_gguf {wanted}: llama.cpp's quantizer (llama-cpp-python) failed on {source}")
+    return tool or "llama-cpp-python"
 
 
 def write_modelfile(path: str, gguf_name: str, tokenizer, end_of_turn: int | None, system_prompt: str | None) -> None:
