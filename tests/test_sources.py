@@ -76,7 +76,7 @@ def test_a_folder_saved_by_save_to_disk_is_loaded_with_its_split(tmp_path, tiny_
     train_set, eval_set, _ = prepare(tiny_tokenizer, dataset=[saved], eval_dataset=[saved + "?split=validation"])
     assert (len(train_set), len(eval_set)) == (9, 4) and tags(eval_set, tiny_tokenizer) == {"V"}
     with pytest.raises(DataError, match=r"no split 'test' in this saved dataset \(it has train, validation\)"):
-        list(iter_records(saved, "test"))
+        list(iter_records(saved, "--eval_dataset"))  # an eval source's default split: test
 
 
 def test_the_prepared_cache_changes_with_the_files_a_source_reads(folder, tiny_tokenizer):
@@ -94,6 +94,11 @@ def test_the_prepared_cache_changes_with_the_files_a_source_reads(folder, tiny_t
     (["--dataset", "{data}?splitt=test"], "(did you mean split?)"),
     (["--dataset", "{data}?name=en"], "local files have none"),
     (["--dataset", "{folder}?data_files=nothing*.jsonl"], "data_files nothing*.jsonl matches no file"),
+    (["--dataset", "{data}", "--eval_dataset", "{data}?split=test"], "--eval_dataset {data}?split=test: split=test"),
+    (["--dataset", "{folder}?data_files=train.jsonl,notes.txt"], "notes.txt, which is not a"),
+    (["--dataset", "{data}", "--full_finetune", "--bits", "16", "--fp16"], "use --bits 32 --fp16, or --bits 16 --bf16"),
+    (["--dataset", "{data}", "{data}", "--dataset_format", "alpaca", "chatml", "--eval_dataset", "{data}"],
+     "give --eval_dataset_format"),
     (["--dataset", "{data}", "--eval_dataset", "{data}", "--eval_dataset_size", "0.1"],
      "--eval_dataset and --eval_dataset_size 0.1 both give an eval set"),
     (["--dataset", "{data}", "--eval_dataset", "{data}", "{data}", "--eval_dataset_format", "alpaca", "alpaca",
@@ -101,11 +106,12 @@ def test_the_prepared_cache_changes_with_the_files_a_source_reads(folder, tiny_t
 ])
 def test_bad_sources_stop_before_anything_is_loaded(tmp_path, folder, flags, message):
     data = write_jsonl(tmp_path / "d.jsonl", rows("D", 3))
+    (tmp_path / "my_dataset" / "notes.txt").write_text("not data")
     argv = ["--model_name_or_path", "m", "--output_dir", str(tmp_path / "out")]
     argv += [flag.format(data=data, folder=folder) for flag in flags]
     with pytest.raises(train.UsageError) as error:
         train.parse_arguments(argv)
-    assert message in str(error.value)
+    assert message.format(data=data) in str(error.value)
 
 
 def test_axolotl_dataset_subsets_and_test_datasets_train_and_evaluate(tmp_path, folder, tiny_model):
@@ -140,6 +146,36 @@ def test_axolotl_dataset_subsets_and_test_datasets_train_and_evaluate(tmp_path, 
     clash = dict(hub, datasets=[{"path": "org/ds", "split": "train", "train_on_split": "test"}])
     path.write_text(yaml.safe_dump(clash))
     with pytest.raises(train.UsageError, match="split train and train_on_split test disagree"):
+        train.parse_arguments([str(path)])
+
+
+def test_axolotls_path_json_with_local_data_files_reads_them_and_tracks_their_bytes(tmp_path, tiny_tokenizer):
+    """axolotl's `path: json` + `data_files: local.jsonl` idiom goes through datasets' json builder; the prepared
+    cache must still notice an edit of the local file."""
+    data = write_jsonl(tmp_path / "local.jsonl", rows("J", 5))
+    spec = f"json?data_files={data}"
+    assert parse_source(spec).kind == "hub" and len(list(iter_records(spec))) == 5
+    args = train.DataArguments(dataset=[spec], dataset_format=["alpaca"])
+    before = preparation.fingerprint(args, tiny_tokenizer, 1)
+    write_jsonl(data, rows("J", 6))
+    assert preparation.fingerprint(args, tiny_tokenizer, 1) != before
+
+
+def test_axolotl_entry_details_that_would_be_lost_or_clash(tmp_path):
+    data = write_jsonl(tmp_path / "eval.jsonl", rows("E", 3))
+    config = {"base_model": "m", "output_dir": str(tmp_path / "out"), "val_set_size": 0, "fp16": True,
+              "datasets": [{"path": data, "type": "alpaca"}],
+              # axolotl's documented test_datasets example: a file path and the same file in data_files
+              "test_datasets": [{"path": data, "split": "train", "data_files": [data], "type": "alpaca"}]}
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(config))
+    _, data_args, args, _ = train.parse_arguments([str(path)])
+    assert data_args.eval_dataset == [f"{data}?split=train"]  # data_files of a file path ignored, as axolotl does
+    assert args.full_finetune and args.bits == 32 and args.fp16  # fp16 trains fp32 master weights
+    clash = dict(config, datasets=[{"path": data, "type": "chat_template", "roles_to_train": ["assistant"]}],
+                 test_datasets=[{"path": data, "type": "chat_template", "roles_to_train": ["assistant", "tool"]}])
+    path.write_text(yaml.safe_dump(clash))
+    with pytest.raises(train.UsageError, match=r"test_datasets\[0\] sets roles_to_train differently"):
         train.parse_arguments([str(path)])
 
 

@@ -41,7 +41,7 @@ SAME = {
 # read by the translation of other keys (the README's table says what each becomes)
 CONSUMED = {
     "adapter": "lora: LoRA at --bits 16 (8 / 4 with load_in_8bit / load_in_4bit); qlora: --bits 4 --quant_type nf4 "
-               "--double_quant; none: --full_finetune --bits 16 with bf16/fp16, else --bits 32",
+               "--double_quant; none: --full_finetune --bits 16 with bf16, else --bits 32",
     "load_in_4bit": "--bits 4 (with adapter)", "load_in_8bit": "--bits 8 (with adapter)",
     "lora_target_linear": "--lora_modules all", "bf16": "--bf16 (auto: true on a bf16 GPU, else false)",
     "flash_attention": "--attn_implementation flash_attention_2 (sdpa without CUDA)",
@@ -119,7 +119,7 @@ def translate(path: str, config: dict, known_flags: set[str]) -> dict:
         elif key in NO_OP:
             logger.info("axolotl key %s: nothing to do (%s)", key, NO_OP[key])
     precision = precision_flags(given)
-    out.update(adapter_flags(given, half=bool(precision.get("bf16") or given.get("fp16"))))
+    out.update(adapter_flags(given, half=bool(precision.get("bf16"))))
     out.update(precision)
     out.update(schedule_flags(given))
     out.update(token_flags(path, given))
@@ -160,7 +160,7 @@ def closest(key: str, candidates: list[str]) -> str:
 
 def adapter_flags(config: dict, half: bool) -> dict:
     """adapter / load_in_* -> --bits and the LoRA settings; a full fine-tune keeps 32-bit weights unless it trains
-    in bf16/fp16 (as axolotl: pure fp16 weights under AdamW overflow)."""
+    in bf16 (fp16 mixed precision needs fp32 master weights; pure fp16 weights under AdamW overflow)."""
     adapter = config.get("adapter")
     bits = 4 if config.get("load_in_4bit") else 8 if config.get("load_in_8bit") else 16
     if adapter is None:
@@ -244,10 +244,14 @@ def dataset_flags(path: str, config: dict) -> tuple[dict, list[str]]:
         sources, formats, weights = [], [], []
         for number, entry in enumerate(entries):
             kind, flags, entry_refused = dataset_entry(path, config, f"{key}[{number}]", entry)
-            out.update(flags)
             refused += entry_refused
             if key == "test_datasets" and "weight" in entry:
                 refused.append(f"{key}[{number}].weight (eval sets are not weighted)")
+            clashes = [flag for flag, value in flags.items() if flag in out and out[flag] != value]
+            if clashes:  # one value per flag for all datasets (roles_to_train, a user-defined type's fields)
+                refused.append(f"{key}[{number}] sets {', '.join(clashes)} differently from an earlier entry (one "
+                               "setting serves every dataset)")
+            out.update(flags)
             for source in dataset_sources(f"{key}[{number}]", entry, refused):
                 sources.append(source)
                 formats.append(kind)
@@ -268,6 +272,9 @@ def dataset_sources(spot: str, entry: dict, refused: list[str]) -> list[str]:
     split = split or train_on
     files = entry.get("data_files")
     files = [files] if isinstance(files, str) else list(files or [])
+    if files and os.path.isfile(str(entry["path"])):  # axolotl reads a file path as it is and ignores data_files
+        logger.info("%s: path %s is a file; data_files %s ignored, as axolotl does", spot, entry["path"], files)
+        files = []
     names = entry.get("name")
     sources = []
     for name in names if isinstance(names, list) else [names]:

@@ -28,12 +28,15 @@ def validate(model_args: ModelArguments, data_args: DataArguments, args: Trainin
     if not data_args.dataset and not args.merge_only:
         raise UsageError("--dataset is required (a .json/.jsonl/.parquet/.csv/.tsv file or a hub dataset name)")
     check_merge_arguments(model_args, args)
-    for dataset in [*(data_args.dataset or []), *(data_args.eval_dataset or [])]:
-        check_source(dataset)
-    if data_args.eval_dataset and len(eval_formats := data_args.eval_dataset_format or data_args.dataset_format) not in (
-            1, len(data_args.eval_dataset)):
-        raise UsageError(f"{len(data_args.eval_dataset)} eval datasets but {len(eval_formats)} formats; give one "
-                         "--eval_dataset_format for all, or one per --eval_dataset in the same order")
+    for flag, sources in (("--dataset", data_args.dataset), ("--eval_dataset", data_args.eval_dataset)):
+        for source in sources or []:
+            check_source(source, flag)
+    if data_args.eval_dataset and not data_args.eval_dataset_format and len(data_args.dataset_format) > 1:
+        raise UsageError("--eval_dataset with several --dataset_format values: give --eval_dataset_format (one for "
+                         "all eval datasets, or one each)")
+    if data_args.eval_dataset and len(data_args.eval_dataset_format or [0]) not in (1, len(data_args.eval_dataset)):
+        raise UsageError(f"{len(data_args.eval_dataset)} eval datasets but {len(data_args.eval_dataset_format)} "
+                         "formats; give one --eval_dataset_format for all, or one per --eval_dataset in the same order")
     if len(data_args.dataset_format) not in (1, len(data_args.dataset or [])):
         raise UsageError(
             f"{len(data_args.dataset)} datasets but {len(data_args.dataset_format)} formats; give one --dataset_format "
@@ -42,6 +45,10 @@ def validate(model_args: ModelArguments, data_args: DataArguments, args: Trainin
     if data_args.dataset_weights is not None and len(data_args.dataset_weights) != len(data_args.dataset or []):
         raise UsageError(f"{len(data_args.dataset or [])} datasets but {len(data_args.dataset_weights)} "
                          "--dataset_weights; give one weight per --dataset, in the same order")
+    if args.full_finetune and args.bits == 16 and args.fp16:
+        raise UsageError("--full_finetune --bits 16 --fp16 would train float16 weights under fp16 mixed precision, "
+                         "which the gradient scaler refuses (it unscales fp32 master weights only); use --bits 32 "
+                         "--fp16, or --bits 16 --bf16")
     if args.full_finetune and args.bits not in (16, 32):
         raise UsageError(
             f"--full_finetune needs --bits 16 or 32 (got {args.bits}); drop --bits or drop --full_finetune"

@@ -115,7 +115,7 @@ def dataset_formats(data_args: DataArguments) -> list[str]:
 
 def all_records(data_args: DataArguments) -> Iterator[Record]:
     for source, (spec, format_name, is_eval) in enumerate(source_table(data_args)):
-        for record in iter_records(spec, "test" if is_eval else "train"):
+        for record in iter_records(spec, "--eval_dataset" if is_eval else "--dataset"):
             record.format, record.source = format_name, source
             yield record
 
@@ -166,7 +166,8 @@ class Plan:
             categories.append(names.setdefault(category, category))  # one string object per distinct category
         for entry in self.per_dataset:
             if not entry["records_read"]:
-                raise DataError(f"{entry['dataset']}: the file holds no records; add some or point --dataset at another file")
+                flag = "--eval_dataset" if entry.get("eval_only") else "--dataset"
+                raise DataError(f"{entry['dataset']}: the file holds no records; add some or point {flag} at another file")
         if deduplicator is not None:
             for entry, count in zip(self.per_dataset, removed):
                 entry["duplicates_removed"] = count
@@ -468,7 +469,8 @@ def staging_dir(cache: str | None) -> tuple[str, list[str]]:
 def log_stats(stats: dict) -> None:
     for entry in stats["datasets"] if len(stats["datasets"]) > 1 or "duplicates_removed" in stats["datasets"][0] else []:
         if entry.get("eval_only"):
-            logger.info("eval dataset %s: %d records read, %d to eval", entry["dataset"], entry["records_read"],
+            logger.info("eval dataset %s: %d records read, %s duplicates (of earlier records) removed, %d to eval",
+                        entry["dataset"], entry["records_read"], entry.get("duplicates_removed", "no check for"),
                         entry["eval_records"])
             continue
         logger.info("dataset %s: %d records read, %s duplicates removed, %d to eval, %d train records after weight "

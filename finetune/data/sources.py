@@ -48,6 +48,7 @@ class DatasetSource:
     split: str | None = None
     name: str | None = None
     data_files: tuple[str, ...] = ()
+    flag: str = "--dataset"  # the flag that named it, for messages (--dataset or --eval_dataset)
 
     @property
     def kind(self) -> str:
@@ -69,45 +70,49 @@ class DatasetSource:
             inside = os.path.join(self.path, item)
             matches = sorted(glob.glob(inside)) or sorted(glob.glob(item))  # inside the folder first, as given next
             if not matches:
-                raise UsageError(f"--dataset {self.spec}: data_files {item} matches no file in {self.path} "
+                raise UsageError(f"{self.flag} {self.spec}: data_files {item} matches no file in {self.path} "
                                  f"(nor from cwd {os.getcwd()})")
+            unreadable = [match for match in matches if not match.endswith(LOCAL_SUFFIXES)]
+            if unreadable:
+                raise UsageError(f"{self.flag} {self.spec}: data_files {item} gives {unreadable[0]}, which is not a "
+                                 f"{'/'.join(LOCAL_SUFFIXES)} file (point data_files at data files)")
             found += [match for match in matches if match not in found]
         return found
 
 
-def parse_source(spec: str) -> DatasetSource:
+def parse_source(spec: str, flag: str = "--dataset") -> DatasetSource:
     """`PATH[?split=..&name=..&data_files=a,b]` -> DatasetSource; unknown keys name the closest."""
     if os.path.exists(spec) or "?" not in spec:
-        return DatasetSource(spec, spec)
-    path, _, query = spec.partition("?")
+        return DatasetSource(spec, spec, flag=flag)
+    path, _, query = spec.rpartition("?")  # the options come after the last ?
     options: dict = {}
     for part in filter(None, query.split("&")):
         key, equals, value = part.partition("=")
         if key not in OPTIONS or not equals or not value:
             match = difflib.get_close_matches(key, OPTIONS, n=1)
             hint = f" (did you mean {match[0]}?)" if match and key not in OPTIONS else ""
-            raise UsageError(f"--dataset {spec}: '{part}' is not key=value with a key of {', '.join(OPTIONS)}{hint}")
+            raise UsageError(f"{flag} {spec}: '{part}' is not key=value with a key of {', '.join(OPTIONS)}{hint}")
         options[key] = value
     data_files = tuple(item for item in options.pop("data_files", "").split(",") if item)
-    source = DatasetSource(spec, path, data_files=data_files, **options)
+    source = DatasetSource(spec, path, data_files=data_files, flag=flag, **options)
     if source.kind in ("file", "files"):
         if source.name:
-            raise UsageError(f"--dataset {spec}: name={source.name} chooses a configuration of a hub dataset; local "
+            raise UsageError(f"{flag} {spec}: name={source.name} chooses a configuration of a hub dataset; local "
                              "files have none: drop it")
         if source.split not in (None, "train"):
-            raise UsageError(f"--dataset {spec}: split={source.split}, but a local file holds one split (train); "
+            raise UsageError(f"{flag} {spec}: split={source.split}, but a local file holds one split (train); "
                              "point at the file that holds the split you want")
     if source.kind == "file" and data_files:
-        raise UsageError(f"--dataset {spec}: data_files chooses files inside a folder or hub dataset, but {path} "
+        raise UsageError(f"{flag} {spec}: data_files chooses files inside a folder or hub dataset, but {path} "
                          "is a file")
     return source
 
 
-def check_source(spec: str) -> DatasetSource:
+def check_source(spec: str, flag: str = "--dataset") -> DatasetSource:
     """Up-front checks (validate.py): the syntax, and that local files are there."""
-    source = parse_source(spec)
+    source = parse_source(spec, flag)
     if source.kind == "file" and not os.path.isfile(source.path):
-        raise UsageError(f"--dataset {source.path}: file not found (cwd: {os.getcwd()})")
+        raise UsageError(f"{flag} {source.path}: file not found (cwd: {os.getcwd()})")
     if source.kind == "files":
         source.files()
     return source
@@ -118,6 +123,8 @@ def source_digest(spec: str) -> bytes:
     source = parse_source(spec)
     digest = hashlib.sha256(spec.encode())
     paths = source.files() if source.kind in ("file", "files") else []
+    if source.kind == "hub":  # `json?data_files=local.jsonl` (axolotl's path: json): the local files it names
+        paths = sorted(match for item in source.data_files for match in glob.glob(item))
     if source.kind == "folder":
         paths = sorted(os.path.join(root, name) for root, _, names in os.walk(source.path) for name in names)
     for path in paths:
@@ -129,24 +136,25 @@ def source_digest(spec: str) -> bytes:
     return digest.digest()
 
 
-def read_records(dataset: str, default_split: str = "train") -> list[Record]:
+def read_records(dataset: str, flag: str = "--dataset") -> list[Record]:
     """Every record of a source (tests and small tools; the pipeline streams with iter_records)."""
-    records = list(iter_records(dataset, default_split))
+    records = list(iter_records(dataset, flag))
     if not records:
-        raise DataError(f"{dataset}: the file holds no records; add some or point --dataset at another file")
+        raise DataError(f"{dataset}: the file holds no records; add some or point {flag} at another file")
     return records
 
 
-def iter_records(dataset: str, default_split: str = "train") -> Iterator[Record]:
+def iter_records(dataset: str, flag: str = "--dataset") -> Iterator[Record]:
     """The records of one source, one at a time: JSON Lines, JSON arrays, parquet and CSV/TSV are read in pieces,
-    so memory does not grow with the file (a JSON file whose top level is an object is read whole)."""
-    source = parse_source(dataset)
+    so memory does not grow with the file (a JSON file whose top level is an object is read whole). A folder's or
+    hub dataset's split defaults to train for --dataset, test for --eval_dataset."""
+    source = parse_source(dataset, flag)
     if source.kind in ("folder", "hub"):
-        yield from read_loaded(source, source.split or default_split)
+        yield from read_loaded(source, source.split or ("test" if flag == "--eval_dataset" else "train"))
         return
     for path in source.files():
         if not os.path.isfile(path):
-            raise DataError(f"--dataset {path}: file not found (cwd: {os.getcwd()})")
+            raise DataError(f"{flag} {path}: file not found (cwd: {os.getcwd()})")
         name = os.path.basename(path)
         if path.endswith(".jsonl"):
             yield from read_jsonl(path, name)
@@ -270,7 +278,7 @@ def read_loaded(source: DatasetSource, split: str) -> Iterator[Record]:
             loaded = datasets.load_from_disk(source.path)
             if isinstance(loaded, datasets.DatasetDict):
                 if split not in loaded:
-                    raise DataError(f"--dataset {source.spec}: no split '{split}' in this saved dataset (it has "
+                    raise DataError(f"{source.flag} {source.spec}: no split '{split}' in this saved dataset (it has "
                                     f"{', '.join(loaded)}); add ?split=NAME")
                 loaded = loaded[split]
         else:
@@ -282,7 +290,7 @@ def read_loaded(source: DatasetSource, split: str) -> Iterator[Record]:
         message = str(error).splitlines()[0] if str(error) else ""
         what = "reading the folder" if source.kind == "folder" else "not a local file, and loading it from the Hugging Face hub"
         raise DataError(
-            f"--dataset {source.spec}: {what} failed ({type(error).__name__}: {message}). A split must exist "
+            f"{source.flag} {source.spec}: {what} failed ({type(error).__name__}: {message}). A split must exist "
             "(?split=NAME), a configuration is chosen with ?name=NAME; local data can be a .json/.jsonl/.parquet/"
             ".csv/.tsv file. For the hub check the name and your network (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE must "
             "be unset to download)."
