@@ -230,4 +230,9 @@ def test_llama3_rope_scaling_travels_as_llamacpps_rope_freqs(tmp_path, tiny_toke
         moved = max(float((default(input_ids=ids).logits[0, -1] - scaled(input_ids=ids).logits[0, -1]).abs().max())
                     for ids in (torch.tensor([tiny_tokenizer(p)["input_ids"]]) for p in gguf_export.gguf_verify.VERIFY_PROMPTS))
     print(f"llama3 RoPE: llama.cpp max |diff| {native['max_abs_diff']:.2e}, default RoPE moves logits {moved:.2e}")
+    long_prompt = tiny_tokenizer("a b c d " * 80)["input_ids"]  # > 256 tokens: llama.cpp's context grows to fit
+    assert len(long_prompt) > 256
+    greedy = gguf_export.gguf_verify.check_llama_cpp(os.path.join(out, "l3-F16.gguf"), scaled, tiny_tokenizer,
+                                                     ["Hello"], prompt_ids=long_prompt)
+    assert greedy["greedy_prompt"] == "training sample" and greedy["greedy_tokens"] > 0
     assert moved > 5 * native["max_abs_diff"], (moved, native["max_abs_diff"])
