@@ -350,3 +350,30 @@ def test_every_renamed_key_reaches_its_flag_with_its_value(tmp_path, tiny_model,
         if isinstance(got, list) and not isinstance(expected, list):
             got = " ".join(str(getattr(item, "value", item)) for item in got)
         assert got == expected, (key, got, expected)
+
+
+def test_keys_read_by_other_translations_take_effect(tmp_path, tiny_model, alpaca_file, monkeypatch):
+    """The CONSUMED keys not covered by the example configs: each one's effect on the parsed arguments."""
+    for name in ("WANDB_RUN_ID", "WANDB_WATCH", "WANDB_LOG_MODEL"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    base = {"base_model": tiny_model, "output_dir": str(tmp_path / "out"), "adapter": "lora",
+            "datasets": [{"path": alpaca_file, "type": "alpaca"}]}
+
+    def parse(**keys):
+        path = tmp_path / "c.yml"
+        path.write_text(yaml.safe_dump({**base, **keys}))
+        return train.parse_arguments([str(path)])
+
+    model_args, data_args, args, _ = parse(
+        sdp_attention=True, cosine_min_lr_ratio=0.1, load_in_8bit=True, lora_target_linear=True,
+        overrides_of_model_config={"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+        wandb_run_id="abc123", wandb_watch="gradients", wandb_log_model="end", shuffle_merged_datasets=True)
+    assert model_args.attn_implementation == "sdpa" and (args.bits, args.lora_modules) == (8, "all")
+    assert str(args.lr_scheduler_type.value) == "cosine_with_min_lr" and args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+    assert (model_args.rope_scaling_type, model_args.rope_scaling_factor) == ("linear", 2.0)
+    assert (os.environ["WANDB_RUN_ID"], os.environ["WANDB_WATCH"], os.environ["WANDB_LOG_MODEL"]) == (
+        "abc123", "gradients", "end") and "wandb" in args.report_to
+    with pytest.raises(train.UsageError, match="shuffle_merged_datasets: false"):
+        parse(shuffle_merged_datasets=False)

@@ -55,7 +55,7 @@ CONSUMED = {
                      "chatml: chatml; llama2: llama2_chat (other named templates refused)",
     "datasets": "--dataset / --dataset_format (type), --custom_* (a user-defined type), --roles_to_train",
     "test_datasets": "--eval_dataset / --eval_dataset_format (entries as in datasets; default split: test)",
-    "shuffle_merged_datasets": "always: several datasets are trained shuffled together",
+    "shuffle_merged_datasets": "true: always so here (several datasets are trained shuffled together); false is refused",
     "overrides_of_model_config": "rope_scaling -> --rope_scaling_type / --rope_scaling_factor",
 }
 NO_OP = {
@@ -103,6 +103,8 @@ def translate(path: str, config: dict, known_flags: set[str]) -> dict:
     """axolotl keys -> {our flag: value}; refuses unimplemented and unknown keys, all of them at once."""
     given = {key: value for key, value in config.items() if not empty(value)}
     refused = [f"{key} ({NOT_IMPLEMENTED[key]})" for key in given if key in NOT_IMPLEMENTED]
+    if config.get("shuffle_merged_datasets") is False:
+        refused.append("shuffle_merged_datasets: false (several datasets are always trained shuffled together here)")
     known = set(RENAMED) | SAME | set(CONSUMED) | set(NO_OP) | set(WANDB_ENV) | set(NOT_IMPLEMENTED)
     unknown = [key for key in config if key not in known and key not in known_flags]
     if unknown:
