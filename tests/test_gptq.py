@@ -5,6 +5,7 @@ with the merged model; bad settings refused before anything loads."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from conftest import instructions, write_jsonl
@@ -14,7 +15,10 @@ import train
 from finetune.errors import UsageError
 
 
-def test_a_merged_run_is_gptq_quantized_on_its_training_samples_and_loads_back(tmp_path, tiny_model):
+def test_a_merged_run_is_gptq_quantized_on_its_training_samples_and_loads_back(tmp_path, tiny_model, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     data = write_jsonl(tmp_path / "d.jsonl", instructions(24))
     merged = tmp_path / "merged"
     code = train.main(["--model_name_or_path", tiny_model, "--dataset", data, "--output_dir", str(tmp_path / "adapter"),
@@ -33,6 +37,8 @@ def test_a_merged_run_is_gptq_quantized_on_its_training_samples_and_loads_back(t
     assert report["calibration_samples"] == 8 and report["samples_checked"] == 4
     assert report["argmax_agreement"] >= 0.9 and report["max_abs_logit_diff"] < 0.5  # measured 0.984, 0.057
     assert (tmp_path / "adapter" / "completed").exists()
+    assert '"process": "gptq"' in (quantized / "gptq_quantization.log").read_text()  # GPTQModel's per-layer log
+    assert not os.listdir(cwd)  # and nothing written into the directory the user ran from
 
 
 def test_gptq_settings_are_checked_before_anything_loads(tmp_path, tiny_model):

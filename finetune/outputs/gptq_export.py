@@ -12,12 +12,14 @@ compiled at run time); on a GPU it uses its own default kernels.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -56,8 +58,13 @@ def export_gptq(model_dir: str, bits: int, group_size: int, tokenizer, samples: 
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [gptq_path(), os.environ.get("PYTHONPATH")])))
         if (os.cpu_count() or 1) <= 2:  # its CPU thread pool needs 2 workers, which it does not give itself on 2 cores
             env.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-        done = subprocess.run([sys.executable, "-m", "finetune.outputs.gptq_export", model_dir, staging, str(bits),
-                               str(group_size)], env=env, capture_output=True, text=True)
+        with tempfile.TemporaryDirectory() as scratch:  # GPTQModel writes logs/ into its working directory
+            done = subprocess.run([sys.executable, "-m", "finetune.outputs.gptq_export", os.path.abspath(model_dir),
+                                   os.path.abspath(staging), str(bits), str(group_size)], env=env, cwd=scratch,
+                                   capture_output=True, text=True)
+            logs = sorted(glob.glob(os.path.join(scratch, "logs", "*.log")))
+            if logs:  # its per-layer quantization log (losses, damping) kept beside the model, not in the user's cwd
+                shutil.move(logs[-1], os.path.join(staging, "gptq_quantization.log"))
         if done.returncode:
             raise MergeError(f"--export_gptq {bits}: GPTQModel failed (exit {done.returncode}): "
                              f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'no message'}")
